@@ -1,0 +1,3 @@
+from compeffdist_ray.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,232 @@
+"""The `compeffdist` command line.
+
+Exit codes: 0 success; 2 a usage, config or input error (one line on stderr); 1 anything else
+(a stage that could not produce output gets one line; an unexpected error its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from compeffdist_ray import __version__
+from compeffdist_ray.errors import UserError
+
+log = logging.getLogger("compeffdist_ray")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"compeffdist: error: {message} (see '{self.prog} --help')\n")
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (default: the embedded local demo profile)")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (overrides run_dir in the config)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from compeffdist_ray.stages import STAGES
+
+    parser = _Parser(prog="compeffdist", description="COMPEFFDIST distillation of sentiment-analysis students on Ray.")
+    parser.add_argument("--version", action="version", version=f"compeffdist-ray {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run every stage in order, skipping finished ones")
+    _config_options(p)
+    p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
+
+    stage_list = "; ".join(f"{s.name}: {s.summary}" for s in STAGES)
+    p = sub.add_parser("stage", help="run one stage", description=f"Stages: {stage_list}.")
+    p.add_argument("name", choices=[s.name for s in STAGES], metavar="NAME", help="stage name")
+    _config_options(p)
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is finished")
+
+    p = sub.add_parser("status", help="the state of every stage of a run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run directory (default: the config's run_dir)")
+    p.add_argument("--config", metavar="FILE", help="compare against this config instead of the run's own")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("config", help="show the resolved config or the list of keys")
+    csub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    c = csub.add_parser("show", help="print the resolved config as YAML")
+    _config_options(c)
+    csub.add_parser("keys", help="list every config key with its type, default and meaning")
+
+    p = sub.add_parser("models", help="list or fetch the registered models")
+    msub = p.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    msub.add_parser("list", help="the model aliases and whether they are cached")
+    m = msub.add_parser("pull", help="fetch and convert a model alias into the cache")
+    m.add_argument("name", help="model alias")
+    m.add_argument("--force", action="store_true", help="rebuild even if cached")
+    return parser
+
+
+def _load(args) -> "object":
+    from compeffdist_ray.config import load_config
+
+    overrides = list(args.overrides or [])
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def status_table(statuses) -> str:
+    header = ["stage", "state", "rows", "dropped", "tokens in", "tokens out", "wall time"]
+    rows = []
+    for s in statuses:
+        m = s.manifest
+        if m is None:
+            rows.append([s.name, s.state, "-", "-", "-", "-", "-"])
+            continue
+        rows.append([s.name, s.state, _fmt_int(m.rows), _fmt_int(sum(m.dropped.values())),
+                     _fmt_int(m.tokens.get("input", 0)), _fmt_int(m.tokens.get("output", 0)), f"{m.wall_time_s:.1f}s"])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in [header, *rows]]
+    details = []
+    for s in statuses:
+        if s.manifest is not None and s.manifest.dropped:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(s.manifest.dropped.items()))
+            details.append(f"  {s.name} dropped: {why}")
+    return "\n".join(lines + (["", "drops:"] + details if details else []))
+
+
+def _cmd_status(args) -> int:
+    import json
+
+    from compeffdist_ray.artifacts import RunDir
+    from compeffdist_ray.config import config_from_dict, load_config, read_yaml
+    from compeffdist_ray.pipeline import CONFIG_FILE, stage_statuses
+
+    if args.run_dir is None and args.config is None:
+        raise UserError("give a run directory: compeffdist status RUN_DIR")
+    if args.config:
+        cfg = load_config(args.config)
+        run_dir = args.run_dir or cfg.run_dir
+    else:
+        run_dir = args.run_dir
+        cfg = None
+    rd_path = run_dir
+    if "://" not in rd_path and not os.path.isdir(rd_path):
+        raise UserError(f"run directory not found: {rd_path}")
+    rd = RunDir(rd_path)
+    if cfg is None:
+        text = rd.read_text(CONFIG_FILE)
+        if text is None:
+            raise UserError(f"{rd_path} has no {CONFIG_FILE}: not a run directory (or give --config)")
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(text)
+        try:
+            cfg = config_from_dict(read_yaml(f.name))
+        finally:
+            os.unlink(f.name)
+    statuses = stage_statuses(rd, cfg)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([{"stage": s.name, "state": s.state, "manifest": asdict(s.manifest) if s.manifest else None}
+                          for s in statuses], indent=2))
+    else:
+        print(f"run: {rd.uri}")
+        print(status_table(statuses))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from compeffdist_ray import models
+
+    if args.models_command == "list":
+        rows = models.list_models()
+        header = ["name", "kind", "family", "cached", "source"]
+        table = [[r["name"], r["kind"], r["family"], "yes" if r["cached"] else "no", r["source"]] for r in rows]
+        widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(len(header))]
+        for r in [header, *table]:
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(f"\ncache: {models.cache_dir()}  (set COMPEFFDIST_CACHE to move it)")
+        return 0
+    path = models.pull(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from compeffdist_ray.config import dump_config, iter_help
+
+    if args.config_command == "keys":
+        for key, tp, default, text in iter_help():
+            print(f"{key} ({tp}, default {default!r})\n    {text}")
+        return 0
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from compeffdist_ray.artifacts import RunDir
+    from compeffdist_ray.pipeline import run_one_stage, run_pipeline, stage_statuses
+
+    cfg = _load(args)
+    if args.command == "run":
+        statuses = run_pipeline(cfg, force=args.force)
+    else:
+        run_one_stage(cfg, args.name, force=args.force)
+        statuses = stage_statuses(RunDir(cfg.run_dir), cfg)
+    print(f"run: {cfg.run_dir}")
+    print(status_table(statuses))
+    return 0
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user-facing error inside Ray's wrappers (RayTaskError etc.), if there is one."""
+    from compeffdist_ray.stages._common import StageFailed
+
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (UserError, StageFailed)):
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    return exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[compeffdist] %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    commands = {"run": _cmd_run, "stage": _cmd_run, "status": _cmd_status, "config": _cmd_config, "models": _cmd_models}
+    from compeffdist_ray.stages._common import StageFailed
+
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("compeffdist: interrupted; finished stages are kept, the interrupted one will be redone", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        cause = _root_cause(exc)
+        if isinstance(cause, UserError):
+            print(f"compeffdist: error: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}", file=sys.stderr)
+            return 2
+        if isinstance(cause, StageFailed):
+            print(f"compeffdist: stage failed: {cause}", file=sys.stderr)
+            return 1
+        raise
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""One typed config tree for the whole pipeline.
+
+Defaults live in the dataclasses below and *are* the embedded default profile (the local demo:
+SmolLM2-135M-Instruct as teacher and student, the bundled sample corpus, sizes that finish in
+minutes on 2 cores). A YAML file overrides any subset of it; `key.path=value` arguments override
+the YAML. Every unknown or mistyped key is reported with its dotted path, all in one error.
+
+    >>> from compeffdist_ray.config import load_config
+    >>> cfg = load_config(None, ["teacher.batch_size=4"])
+    >>> cfg.teacher.batch_size
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from compeffdist_ray.errors import UserError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "config_to_dict",
+    "dump_config",
+    "BUILTIN_CORPUS",
+]
+
+BUILTIN_CORPUS = "builtin:sample-corpus"
+
+
+class ConfigError(UserError):
+    """The config has one or more problems; the message names each by dotted path."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None):
+    """A dataclass field with its help text (shown by `compeffdist config show --help-keys`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = _f(
+        None, help="Ray cluster address; null runs ray.init() on this machine (local mode)."
+    )
+    num_cpus: Optional[int] = _f(None, help="CPUs for a local Ray instance; null = all cores.")
+    include_dashboard: bool = _f(False, help="Start the Ray dashboard in local mode.")
+    progress_bars: bool = _f(True, help="Show Ray Data progress bars.")
+
+
+@dataclass
+class InputConfig:
+    path: str = _f(
+        BUILTIN_CORPUS,
+        help=(
+            "User texts: a local path or a pyarrow filesystem URI (s3://, gs://, file://); "
+            f"'{BUILTIN_CORPUS}' is the corpus bundled with the package."
+        ),
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text"] = _f(
+        "auto", help="File format; 'auto' picks by extension (.jsonl .json .csv .parquet .txt)."
+    )
+    text_column: str = _f("text", help="Column (or JSON key) holding the user text.")
+    id_column: Optional[str] = _f(
+        "id", help="Column holding a stable text id; null or absent = ids made from the text hash."
+    )
+
+
+@dataclass
+class OpenAIConfig:
+    base_url: str = _f(
+        "http://127.0.0.1:8000/v1", help="Base URL of an OpenAI-compatible API (ends with /v1)."
+    )
+    api_key_env: str = _f(
+        "OPENAI_API_KEY", help="Environment variable holding the API key (may be unset for local servers)."
+    )
+    timeout_s: float = _f(120.0, help="Timeout of one HTTP request, in seconds.")
+    max_retries: int = _f(4, help="Retries of a failed request (connection errors, 408/429/5xx).")
+    backoff_s: float = _f(1.0, help="First retry delay; doubles each retry (with jitter).")
+    max_concurrency: int = _f(8, help="Requests in flight at once from one actor.")
+
+
+@dataclass
+class VLLMConfig:
+    tensor_parallel_size: int = _f(1, help="GPUs per model replica (tensor parallel).")
+    pipeline_parallel_size: int = _f(1, help="Pipeline-parallel stages per replica.")
+    max_model_len: int = _f(8192, help="Longest prompt + answer, in tokens.")
+    gpu_memory_utilization: float = _f(0.9, help="Share of GPU memory vLLM may take.")
+    accelerator_type: Optional[str] = _f(None, help="Ray accelerator type, e.g. H100; null = any.")
+    engine_kwargs: dict[str, Any] = _f(
+        help="Extra vLLM engine arguments passed through unchanged.", factory=dict
+    )
+
+
+@dataclass
+class TeacherConfig:
+    backend: Literal["transformers", "vllm", "openai"] = _f(
+        "transformers",
+        help="Where generations come from: in-process transformers, Ray's vLLM processor, or HTTP.",
+    )
+    model: str = _f(
+        "smollm2-135m-instruct",
+        help="Model alias (compeffdist models list), local path or Hugging Face id.",
+    )
+    served_model_name: Optional[str] = _f(
+        None, help="Model name sent to an OpenAI-compatible server; null = `model`."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", help="Weights dtype: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    max_new_tokens: int = _f(256, help="Longest answer, in tokens.")
+    temperature: float = _f(0.0, help="Sampling temperature of the first attempt (0 = greedy).")
+    retry_temperature: float = _f(0.7, help="Sampling temperature of retries after a bad answer.")
+    top_p: float = _f(0.95, help="Nucleus sampling threshold when sampling.")
+    repetition_penalty: float = _f(1.1, help="Repetition penalty (transformers and vLLM).")
+    max_attempts: int = _f(3, help="Attempts per prompt until its answer parses; then it is dropped.")
+    batch_size: int = _f(8, help="Prompts per batch handed to one actor.")
+    concurrency: int = _f(1, help="Actors in the pool (model replicas).")
+    num_cpus: float = _f(1.0, help="CPUs reserved per actor.")
+    num_gpus: float = _f(0.0, help="GPUs per actor (transformers backend).")
+    max_prompt_tokens: int = _f(
+        3072, help="Prompts longer than this (in tokens) are cut from the left, and counted."
+    )
+    openai: OpenAIConfig = _f(help="Settings of the openai backend.", factory=OpenAIConfig)
+    vllm: VLLMConfig = _f(help="Settings of the vllm backend.", factory=VLLMConfig)
+
+
+@dataclass
+class StudentConfig:
+    model: str = _f(
+        "smollm2-135m-instruct", help="Student model: alias, local path or Hugging Face id."
+    )
+
+
+@dataclass
+class EmbeddingConfig:
+    model: str = _f("all-minilm-l6-v2", help="sentence-transformers model: alias or path.")
+    batch_size: int = _f(128, help="Texts per embedding batch.")
+    device: Optional[str] = _f(None, help="Torch device; null = cuda if available, else cpu.")
+
+
+@dataclass
+class AttributesConfig:
+    num_texts: int = _f(24, help="User texts the teacher enumerates attributes from (paper: 20K).")
+    max_per_text: int = _f(12, help="Attributes kept per text at most.")
+    max_words: int = _f(6, help="Attributes longer than this many words are dropped as malformed.")
+    max_new_tokens: int = _f(96, help="Longest teacher answer for one text's attribute list.")
+
+
+@dataclass
+class PerspectivesConfig:
+    attribute_list: Optional[str] = _f(
+        None,
+        help=(
+            "Start from this attribute list (JSON list of {attr, count} or strings, or a text file, "
+            "one per line) instead of the attributes stage output."
+        ),
+    )
+    min_count: int = _f(1, help="Attributes seen fewer times than this are left out.")
+    similarity: Literal["neg_sq_euclidean", "cosine"] = _f(
+        "neg_sq_euclidean", help="Similarity for affinity propagation (paper: neg. sq. Euclidean)."
+    )
+    preference_percentile: float = _f(
+        10.0,
+        help="Base preference at this percentile (0-100) of the similarities; the paper used 0.5 on "
+        "~1,800 attributes, a small attribute set needs a higher one to give several perspectives.",
+    )
+    frequency_weighting: Literal["preference", "duplicate", "none"] = _f(
+        "preference",
+        help=(
+            "How frequent attributes count more: 'preference' raises their self-preference "
+            "(fast), 'duplicate' repeats each point log1p(count) times (the paper's way, slow), "
+            "'none'."
+        ),
+    )
+    preference_weight: float = _f(
+        0.05,
+        help="With preference weighting: the preference shift per standard deviation of "
+        "log-count, as a share of the similarity range.",
+    )
+    damping: float = _f(0.9, help="Affinity propagation damping (paper: 0.9).")
+    max_iter: int = _f(1000, help="Affinity propagation iterations at most.")
+    convergence_iter: int = _f(50, help="Stop after this many iterations without change.")
+    max_points: int = _f(
+        4000,
+        help="Bound on points clustered at once (memory is O(n^2)); the most frequent are "
+        "clustered, the rest assigned to the nearest exemplar.",
+    )
+    collapse_warning: int = _f(
+        50, help="Warn of cluster collapse below this many perspectives when >= 1000 attributes."
+    )
+
+
+@dataclass
+class TasksConfig:
+    max_perspectives: Optional[int] = _f(
+        4, help="Make tasks for the most frequent perspectives only; null = all of them."
+    )
+    tasks_per_perspective: int = _f(2, help="Tasks the teacher invents per perspective.")
+    num_demonstrations: int = _f(3, help="Demonstrations per task (paper: 32).")
+    max_new_tokens: int = _f(192, help="Longest teacher answer for one task definition.")
+    demo_max_new_tokens: int = _f(64, help="Longest demonstration answer, in tokens.")
+
+
+@dataclass
+class PairingConfig:
+    method: Literal["random", "attribute"] = _f(
+        "random",
+        help="'random' (the paper's default, balanced over tasks) or 'attribute' (texts go to "
+        "tasks of the perspectives their attributes fall in; others fall back to random).",
+    )
+    num_texts: int = _f(200, help="User texts paired with instructions (paper: 100K).")
+    exclude_demo_texts: bool = _f(True, help="Never pair a task with its own demonstration texts.")
+
+
+@dataclass
+class SamplingConfig:
+    keep_ratio: float = _f(0.5, help="Share of each group's samples kept by difficulty sampling (paper: 0.5).")
+    alpha: float = _f(0.5, help="Rank-weight exponent: weight = rank^(-alpha), hardest rank 1.")
+    grouping: Literal["per_instruction", "global"] = _f(
+        "per_instruction", help="Rank within each instruction's group (default) or across all samples."
+    )
+
+
+@dataclass
+class Config:
+    """The whole pipeline's configuration."""
+
+    run_dir: str = _f("runs/local-demo", help="Run directory: local path or pyarrow URI.")
+    seed: int = _f(42, help="Seed of every random choice in the pipeline.")
+    ray: RayConfig = _f(help="Ray runtime.", factory=RayConfig)
+    input: InputConfig = _f(help="Where user texts come from.", factory=InputConfig)
+    teacher: TeacherConfig = _f(help="The teacher LLM and its backend.", factory=TeacherConfig)
+    student: StudentConfig = _f(help="The student model.", factory=StudentConfig)
+    embedding: EmbeddingConfig = _f(help="Sentence embeddings.", factory=EmbeddingConfig)
+    attributes: AttributesConfig = _f(help="Stage 1: attributes.", factory=AttributesConfig)
+    perspectives: PerspectivesConfig = _f(help="Stage 2: perspectives.", factory=PerspectivesConfig)
+    tasks: TasksConfig = _f(help="Stage 3: tasks.", factory=TasksConfig)
+    pairing: PairingConfig = _f(help="Stage 4: pairing.", factory=PairingConfig)
+    sampling: SamplingConfig = _f(help="Difficulty-prioritised sampling.", factory=SamplingConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is dict:
+        return "a mapping"
+    if origin is list:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the (lightly coerced) value."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return tp()
+        return _build(tp, value, path, errors)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        out = _coerce(value, inner[0], path, sub)
+        if sub:
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return out
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return {}
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {value!r}")
+            return []
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = _closest(str(key), names)
+            hint = f" (did you mean '{close}'?)" if close else ""
+            errors.append(f"{where}: unknown key{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], where, errors)
+    return cls(**kwargs)
+
+
+def _closest(word: str, options: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+def _check_values(cfg: Config, errors: list[str]) -> None:
+    """Range checks that types alone cannot express."""
+
+    def positive(path: str, value: float) -> None:
+        if isinstance(value, (int, float)) and value <= 0:
+            errors.append(f"{path}: must be > 0, got {value!r}")
+
+    for path in (
+        "teacher.max_new_tokens",
+        "teacher.max_attempts",
+        "teacher.batch_size",
+        "teacher.concurrency",
+        "teacher.max_prompt_tokens",
+        "teacher.openai.max_concurrency",
+        "teacher.openai.timeout_s",
+        "teacher.vllm.tensor_parallel_size",
+        "teacher.vllm.pipeline_parallel_size",
+        "embedding.batch_size",
+        "attributes.num_texts",
+        "attributes.max_per_text",
+        "attributes.max_new_tokens",
+        "tasks.max_new_tokens",
+        "attributes.max_words",
+        "perspectives.max_iter",
+        "perspectives.convergence_iter",
+        "perspectives.max_points",
+        "tasks.tasks_per_perspective",
+        "tasks.num_demonstrations",
+        "tasks.demo_max_new_tokens",
+        "pairing.num_texts",
+    ):
+        positive(path, get_path(cfg, path))
+    if not 0.0 < cfg.sampling.keep_ratio <= 1.0:
+        errors.append(f"sampling.keep_ratio: must be in (0, 1], got {cfg.sampling.keep_ratio!r}")
+    if cfg.tasks.max_perspectives is not None:
+        positive("tasks.max_perspectives", cfg.tasks.max_perspectives)
+    if not 0.5 <= cfg.perspectives.damping < 1.0:
+        errors.append(f"perspectives.damping: must be in [0.5, 1), got {cfg.perspectives.damping!r}")
+    if not 0.0 <= cfg.perspectives.preference_percentile <= 100.0:
+        errors.append(
+            "perspectives.preference_percentile: must be in [0, 100], got "
+            f"{cfg.perspectives.preference_percentile!r}"
+        )
+    for path in ("teacher.temperature", "teacher.retry_temperature", "teacher.openai.max_retries"):
+        value = get_path(cfg, path)
+        if isinstance(value, (int, float)) and value < 0:
+            errors.append(f"{path}: must be >= 0, got {value!r}")
+    if not 0.0 < cfg.teacher.top_p <= 1.0:
+        errors.append(f"teacher.top_p: must be in (0, 1], got {cfg.teacher.top_p!r}")
+    if cfg.teacher.num_cpus < 0 or cfg.teacher.num_gpus < 0:
+        errors.append("teacher.num_cpus / teacher.num_gpus: must be >= 0")
+    if not cfg.input.text_column:
+        errors.append("input.text_column: must not be empty")
+
+
+def get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `a.b=1` strings into a nested dict; values are parsed as YAML scalars."""
+    import yaml
+
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (give an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    errors: list[str] = []
+    cfg = _build(Config, data, "", errors)
+    if not errors:
+        _check_values(cfg, errors)
+    if errors:
+        raise ConfigError(f"invalid config ({len(errors)} problem{'s' if len(errors) > 1 else ''}): " + "; ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (if any) <- dotted overrides, validated once at the end."""
+    data = read_yaml(path) if path else {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def iter_help(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, type name, default, help) for every leaf of the tree."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_help(tp, where)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield where, _type_name(tp), default, f.metadata.get("help", "")

@@ -1,0 +1,103 @@
+"""Teacher generation through any OpenAI-compatible chat-completions endpoint.
+
+Works with a vLLM server, a Ray Serve deployment or a hosted API. Requests run concurrently
+(bounded), failed requests are retried with exponential backoff and jitter, and token counts
+come from the response's `usage` (or are left at 0 when the server sends none).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from compeffdist_ray.errors import UserError
+from compeffdist_ray.teacher.base import Generation, GenParams, Messages
+
+__all__ = ["OpenAIBackend"]
+
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_FATAL_STATUS = {401: "unauthorized: set the API key in the variable {env}",
+                 403: "forbidden: the key in {env} is not allowed to use this model",
+                 404: "not found: check teacher.openai.base_url (it should end with /v1) and the model name"}
+
+
+class OpenAIBackend:
+    def __init__(self, *, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout_s: float = 120.0, max_retries: int = 4, backoff_s: float = 1.0,
+                 max_concurrency: int = 8):
+        import httpx
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        key = os.environ.get(api_key_env, "")
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = httpx.Client(headers=headers, timeout=timeout_s,
+                                   limits=httpx.Limits(max_connections=max_concurrency))
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrency)
+        self.requests_sent = 0
+        self.retries = 0
+
+    def _one(self, messages: Messages, params: GenParams) -> Generation:
+        import httpx
+
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+        }
+        if params.temperature > 0:
+            body["top_p"] = params.top_p
+        if params.seed is not None:
+            body["seed"] = params.seed
+        last_error = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                time.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            try:
+                self.requests_sent += 1
+                resp = self.client.post(self.url, json=body)
+            except httpx.HTTPError as exc:  # connection refused, timeouts, protocol errors
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            if resp.status_code in _FATAL_STATUS:
+                raise UserError(
+                    f"teacher endpoint {self.url} answered {resp.status_code} "
+                    + _FATAL_STATUS[resp.status_code].format(env=self.api_key_env)
+                )
+            if resp.status_code in _RETRY_STATUS:
+                last_error = f"HTTP {resp.status_code}"
+                continue
+            if resp.status_code >= 400:
+                return Generation("", 0, 0, "error", f"HTTP {resp.status_code}: {resp.text[:200]}")
+            try:
+                data = resp.json()
+                choice = data["choices"][0]
+                text = choice["message"]["content"] or ""
+            except (ValueError, KeyError, IndexError, TypeError):
+                last_error = "malformed response body"
+                continue
+            usage = data.get("usage") or {}
+            finish = choice.get("finish_reason") or "stop"
+            return Generation(
+                text=text.strip(),
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason="length" if finish == "length" else "stop",
+            )
+        return Generation("", 0, 0, "error", last_error)
+
+    def generate(self, conversations: list[Messages], params: GenParams) -> list[Generation]:
+        return list(self.pool.map(lambda m: self._one(m, params), conversations))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        self.client.close()

@@ -1,0 +1,15 @@
+"""Ray job entrypoint: run the pipeline on the cluster this job was submitted to.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/run_pipeline.py --config configs/llama-70b-to-3b.yaml
+
+Takes the same arguments as `compeffdist run`. Inside a Ray job, `ray.address: auto` in the
+config (the cluster profiles set it) joins the job's cluster instead of starting a local one.
+"""
+
+import sys
+
+from compeffdist_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

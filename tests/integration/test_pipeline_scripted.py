@@ -1,0 +1,180 @@
+"""Stages 1-4 on local Ray with a scripted teacher behind real HTTP (the `openai` backend).
+
+The teacher is fake (rule-based answers), everything around it is real: Ray Data actor
+pools, HTTP retries, embeddings, affinity propagation, artifacts, fingerprints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import CONFIGS, ROOT, scripted_overrides
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(base_url, run_dir, *extra):
+    from compeffdist_ray.config import load_config
+
+    return load_config(CONFIGS / "tiny-test.yaml", scripted_overrides(base_url, run_dir) + list(extra))
+
+
+def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted_teacher, tmp_path):
+    from compeffdist_ray.artifacts import RunDir
+    from compeffdist_ray.pipeline import run_pipeline
+
+    teacher, url = scripted_teacher(fail_first=2, garbage_every=5)
+    cfg = _cfg(url, tmp_path / "run")
+    statuses = run_pipeline(cfg)
+    assert [s.state for s in statuses] == ["done"] * 4
+    rd = RunDir(str(tmp_path / "run"))
+    m = {s.name: s.manifest for s in statuses}
+
+    gens = rd.read_df("attributes", "generations")
+    assert len(gens) == 12 and gens["key"].is_unique
+    assert (gens["attempts"] > 1).any(), "garbage answers must have been re-asked"
+    attrs = rd.read_df("attributes", "attributes")
+    assert set(attrs["text_id"]) == set(gens.loc[gens["ok"], "key"])
+    assert not attrs.duplicated(["text_id", "attribute"]).any()
+    counts = rd.read_df("attributes", "attribute_counts")
+    assert counts.loc[counts["attribute"] == "overall sentiment", "count"].item() == int(gens["ok"].sum())
+    # every text is accounted for: kept or dropped with a reason
+    assert int(gens["ok"].sum()) + sum(v for k, v in m["attributes"].dropped.items() if k != "empty_text") == 12
+
+    persp = rd.read_df("perspectives", "perspectives")
+    assert m["perspectives"].rows == len(persp) >= 1
+    assert sorted(a for lst in persp["attributes"] for a in lst) == sorted(counts["attribute"])
+
+    tasks = rd.read_df("tasks", "tasks")
+    assert len(tasks) >= 2 and tasks["task_id"].is_unique
+    assert all(1 <= len(d) <= 3 for d in tasks["demonstrations"])
+    assert all(d["output"] == "positive" for ds in tasks["demonstrations"] for d in ds)
+
+    pairs = rd.read_df("pairing", "pairs")
+    assert len(pairs) == 40 and pairs["pair_id"].is_unique and set(pairs["task_id"]) <= set(tasks["task_id"])
+    per_task = pairs["task_id"].value_counts()
+    assert per_task.max() - per_task.min() <= 1
+    demo_of = {r.task_id: {d["text_id"] for d in r.demonstrations} for r in tasks.itertuples()}
+    assert not any(r.text_id in demo_of[r.task_id] for r in pairs.itertuples())
+
+    # token accounting adds up to what the server billed (failed 500s bill nothing)
+    total_in = sum(x.tokens["input"] for x in m.values())
+    total_out = sum(x.tokens["output"] for x in m.values())
+    assert (total_in, total_out) == (teacher.tokens["input"], teacher.tokens["output"])
+
+    # a second run skips everything: no request reaches the teacher
+    before = teacher.requests
+    again = run_pipeline(cfg)
+    assert teacher.requests == before
+    assert [s.manifest.output_id for s in again] == [x.output_id for x in m.values()]
+
+    # a changed task setting redoes tasks and pairing only
+    cfg2 = _cfg(url, tmp_path / "run", "tasks.num_demonstrations=2")
+    kinds_before = dict(teacher.kinds)
+    third = {s.name: s.manifest for s in run_pipeline(cfg2)}
+    assert teacher.kinds["attributes"] == kinds_before["attributes"]
+    assert third["attributes"].output_id == m["attributes"].output_id
+    assert third["perspectives"].output_id == m["perspectives"].output_id
+    assert third["tasks"].output_id != m["tasks"].output_id
+    assert third["pairing"].output_id != m["pairing"].output_id
+
+
+def test_attribute_matched_pairing(ray_session, scripted_teacher, tmp_path):
+    from compeffdist_ray.artifacts import RunDir
+    from compeffdist_ray.pipeline import run_pipeline
+
+    _, url = scripted_teacher()
+    cfg = _cfg(url, tmp_path / "run", "pairing.method=attribute", "pairing.num_texts=300",
+               "attributes.num_texts=30")
+    run_pipeline(cfg)
+    rd = RunDir(str(tmp_path / "run"))
+    pairs = rd.read_df("pairing", "pairs")
+    attrs = rd.read_df("attributes", "attributes")
+    assign = rd.read_df("perspectives", "assignments")
+    persp_of = dict(zip(assign["attribute"], assign["perspective_id"]))
+    matched = pairs[pairs["match"] == "attribute"]
+    assert len(matched) > 0 and (pairs["match"] == "fallback").any()
+    for row in matched.itertuples():  # a matched text went to a task of one of its own perspectives
+        own = {persp_of[a] for a in attrs.loc[attrs["text_id"] == row.text_id, "attribute"]}
+        assert row.perspective_id in own
+    # texts without any known attribute can only be fallbacks
+    unknown = set(pairs["text_id"]) - set(attrs["text_id"])
+    assert set(pairs.loc[pairs["text_id"].isin(unknown), "match"]) == {"fallback"}
+
+
+def test_unreachable_teacher_rows_are_counted_not_lost(ray_session, tmp_path):
+    from compeffdist_ray.pipeline import run_one_stage
+    from compeffdist_ray.stages._common import StageFailed
+
+    cfg = _cfg("http://127.0.0.1:9/v1", tmp_path / "run", "teacher.openai.max_retries=1")
+    with pytest.raises(StageFailed, match=r"teacher_error 12"):
+        run_one_stage(cfg, "attributes")
+    from compeffdist_ray.artifacts import RunDir
+
+    rd = RunDir(str(tmp_path / "run"))
+    assert rd.state("attributes") == "incomplete"  # no manifest: never trusted, redone next time
+    gens = rd.read_df("attributes", "generations")
+    assert len(gens) == 12 and not gens["ok"].any()
+
+
+def test_wrong_api_key_fails_fast_with_one_line(scripted_teacher, tmp_path):
+    _, url = scripted_teacher(require_key="sekret")
+    env = dict(os.environ, MY_KEY="wrong")
+    args = [sys.executable, "-m", "compeffdist_ray", "stage", "attributes", "--config", str(CONFIGS / "tiny-test.yaml"),
+            *scripted_overrides(url, tmp_path / "run"), "teacher.openai.api_key_env=MY_KEY", "teacher.openai.max_retries=0"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("compeffdist: error: teacher endpoint") and "401" in last and "MY_KEY" in last
+    assert "sekret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_path):
+    teacher, url = scripted_teacher(task_delay_s=1.5)
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "compeffdist_ray", "run", "--config", str(CONFIGS / "tiny-test.yaml"),
+            *scripted_overrides(url, run_dir)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while teacher.kinds.get("task", 0) < 1:  # the tasks stage has started asking the teacher
+            assert proc.poll() is None, "the run ended before the tasks stage started"
+            assert time.time() < deadline, "tasks stage never started"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    manifest = lambda stage: json.loads((run_dir / stage / "_manifest.json").read_text())  # noqa: E731
+    first_attr, first_persp = manifest("attributes")["output_id"], manifest("perspectives")["output_id"]
+    assert not (run_dir / "tasks" / "_manifest.json").exists()
+    # A half-written file from the killed run must not be trusted: simulate one.
+    (run_dir / "tasks").mkdir(exist_ok=True)
+    pd.DataFrame({"task_id": ["half"]}).to_parquet(run_dir / "tasks" / "tasks.parquet")
+
+    attr_requests = teacher.kinds["attributes"]
+    teacher.task_delay_s = 0
+    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "attributes: already done" in rerun.stderr and "perspectives: already done" in rerun.stderr
+    assert "tasks: a previous run stopped half-way: redoing" in rerun.stderr
+    assert teacher.kinds["attributes"] == attr_requests
+    assert manifest("attributes")["output_id"] == first_attr and manifest("perspectives")["output_id"] == first_persp
+    tasks = pd.read_parquet(run_dir / "tasks" / "tasks.parquet")
+    assert "half" not in set(tasks["task_id"]) and tasks["task_id"].is_unique
+    gens = pd.read_parquet(run_dir / "tasks" / "generations.parquet")
+    assert gens["key"].is_unique
+    pairs = pd.read_parquet(run_dir / "pairing" / "pairs.parquet")
+    assert pairs["pair_id"].is_unique and set(pairs["task_id"]) <= set(tasks["task_id"])
+    status = subprocess.run([sys.executable, "-m", "compeffdist_ray", "status", str(run_dir)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert status.returncode == 0
+    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:6]}
+    assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing"))

@@ -1,0 +1,35 @@
+"""Stages 1-4 with the real SmolLM2-135M-Instruct teacher on local Ray (a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.integration
+
+
+def test_smollm2_stages_1_to_4(ray_session, tmp_path):
+    from compeffdist_ray.artifacts import RunDir
+    from compeffdist_ray.config import load_config
+    from compeffdist_ray.pipeline import run_pipeline
+
+    cfg = load_config(CONFIGS / "local-demo.yaml", [
+        f"run_dir={tmp_path / 'run'}", "attributes.num_texts=10", "tasks.max_perspectives=2",
+        "tasks.tasks_per_perspective=2", "tasks.num_demonstrations=2", "pairing.num_texts=30",
+    ])
+    statuses = run_pipeline(cfg)
+    assert [s.state for s in statuses] == ["done"] * 4
+    rd = RunDir(cfg.run_dir)
+    m = {s.name: s.manifest for s in statuses}
+    attrs = rd.read_df("attributes", "attribute_counts")
+    assert len(attrs) >= 5 and m["attributes"].tokens["output"] > 0
+    assert m["perspectives"].rows >= 2
+    tasks = rd.read_df("tasks", "tasks")
+    assert len(tasks) >= 1
+    for t in tasks.itertuples():
+        assert len(t.instruction.split()) >= 5 and len(t.demonstrations) >= 1
+        assert all(d["output"].strip() for d in t.demonstrations)
+    assert m["tasks"].tokens["input"] > 0
+    pairs = rd.read_df("pairing", "pairs")
+    assert len(pairs) == 30
