@@ -197,12 +197,26 @@ def _root_cause(exc: BaseException) -> BaseException:
         if isinstance(cur, (UserError, StageFailed)):
             return cur
         cur = getattr(cur, "cause", None) or cur.__cause__
+    # Errors raised inside Ray workers can reach the driver with their chain flattened into
+    # text; the original class and message are still in it.
+    for line in str(exc).splitlines():
+        for cls in (UserError, StageFailed):
+            marker = f"{cls.__module__}.{cls.__name__}: "
+            if marker in line:
+                return cls(line.split(marker, 1)[1].strip())
     return exc
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may stand before or after options (`stage tasks --config F a.b=1`): argparse
+    # leaves the later ones unparsed, so they are collected here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)

@@ -43,6 +43,16 @@ def text_id_of(text: str) -> str:
     return "t" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:15]
 
 
+def _clean_id(value) -> str | None:
+    """An id as text; None for missing or blank ids (1.0 from a float column becomes '1')."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
 def resolve_input_path(path: str) -> str:
     if path == BUILTIN_CORPUS:
         return str(resources.files("compeffdist_ray") / "data" / "sample_corpus.jsonl")
@@ -160,7 +170,7 @@ def read_corpus(cfg: InputConfig) -> Corpus:
     dropped: dict[str, int] = {}
     texts = df[cfg.text_column].map(lambda v: v.strip() if isinstance(v, str) else None)
     if cfg.id_column and cfg.id_column in df.columns:
-        ids = df[cfg.id_column].map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        ids = df[cfg.id_column].map(_clean_id)
     else:
         ids = texts.map(lambda t: text_id_of(t) if t else None)
     out = pd.DataFrame({"text_id": ids, "text": texts})

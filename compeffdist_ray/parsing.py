@@ -26,17 +26,12 @@ def _candidates(text: str):
     # Unclosed fence: the model ran out of tokens inside it.
     if text.count("```") % 2 == 1:
         yield text.split("```", 1)[1].split("\n", 1)[-1]
-    for opener, closer in (("{", "}"), ("[", "]")):
-        start = text.find(opener)
-        while start != -1:
-            end = _match_bracket(text, start, opener, closer)
-            if end != -1:
-                yield text[start : end + 1]
-            else:
-                yield text[start:]  # unbalanced: maybe truncated, try to repair
-            start = text.find(opener, start + 1)
-            if start > 2000:  # pathological outputs: stop scanning
-                break
+    # Brackets in order of position, so an outer list of objects wins over its first object.
+    for start, opener in enumerate(text[:2001]):
+        if opener not in "[{":
+            continue
+        end = _match_bracket(text, start, opener, "}" if opener == "{" else "]")
+        yield text[start : end + 1] if end != -1 else text[start:]  # unbalanced: maybe truncated
     yield text.strip()
 
 
@@ -134,6 +129,10 @@ def parse_string_list(text: str, keys: tuple[str, ...] = ()) -> list[str] | None
     line (bullets and numbering removed) or, on a single line, comma-separated.
     """
     value = extract_json(text)
+    if value is None:  # an explicit empty answer ([] or {}) means "nothing", not a one-item list
+        blocks = [b.strip() for b in _FENCE.findall(text or "")] or [(text or "").strip()]
+        if any(_loads(b) in ([], {}) for b in blocks):
+            return None
     if isinstance(value, dict):  # an object wrapping the list, e.g. {"attributes": [...]}
         inner = [value[k] for k in keys if isinstance(value.get(k), list)]
         if not inner:

@@ -51,7 +51,7 @@ def generation_drops(frame, prefix: str = "") -> dict[str, int]:
     reasons = Counter()
     for ok, err in zip(frame["ok"], frame["error"]):
         if not ok:
-            reasons[prefix + (err or "unknown").split(":")[0]] += 1
+            reasons[prefix + (err if isinstance(err, str) and err else "unknown").split(":")[0]] += 1
     return dict(reasons)
 
 

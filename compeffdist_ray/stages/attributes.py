@@ -40,15 +40,22 @@ _INVARIANT = {"news", "series", "species", "analysis", "emphasis", "bias", "stat
               "previous", "serious", "nervous", "anxious", "famous", "delicious", "obvious", "this", "plus",
               "business", "gas", "crisis", "basis", "thesis", "less", "loss", "access", "success"}
 
+_IE_PLURALS = {"movies", "cookies", "calories", "zombies", "rookies", "selfies", "smoothies", "brownies", "goodies",
+               "freebies", "hoodies", "lies", "pies", "ties"}
+
 
 def singular(word: str) -> str:
     """A light English singulariser for attribute names (last word only)."""
     w = word
     if len(w) <= 3 or w in _INVARIANT or w.endswith(("ss", "us", "is", "ous")):
         return w
+    if w in _IE_PLURALS:
+        return w[:-1]
+    if w.endswith("es") and w[:-2] in _INVARIANT:
+        return w[:-2]
     if w.endswith("ies") and len(w) > 4:
         return w[:-3] + "y"
-    if w.endswith(("sses", "shes", "ches", "xes", "zes")):
+    if w.endswith(("sses", "shes", "ches", "xes", "zzes")):
         return w[:-2]
     if w.endswith("s") and not w.endswith("'s"):
         return w[:-1]
@@ -58,8 +65,8 @@ def singular(word: str) -> str:
 def normalize_attribute(raw: str) -> str:
     """Case, whitespace, punctuation, value suffix ('tone: angry' -> 'tone') and plural folded."""
     s = raw.strip().lower().replace("_", " ")
-    s = re.split(r"\s*[:=]\s*|\s+-\s+|\s+—\s+", s, maxsplit=1)[0]
     s = _PAREN.sub(" ", s)
+    s = re.split(r"\s*[:=]\s*|\s+-\s+|\s+—\s+", s, maxsplit=1)[0]
     s = _SPACES.sub(" ", s).strip()
     s = _NON_WORD_EDGE.sub("", s)
     if not s:

@@ -38,6 +38,14 @@ def pair_random(text_ids: list[str], task_ids: list[str], demo_texts: dict[str, 
     """(text_id, task_id, 'random') for every text; a task never gets one of its own demo texts."""
     rng = np.random.default_rng(seed)
     dealt = _deal(task_ids, len(text_ids), rng)
+    # A text dealt to a task it demonstrates swaps tasks with another text: counts stay exact.
+    for i, text_id in enumerate(text_ids):
+        if text_id in demo_texts.get(dealt[i], ()):
+            for j in rng.permutation(len(text_ids)):
+                if (dealt[j] != dealt[i] and text_id not in demo_texts.get(dealt[j], ())
+                        and text_ids[j] not in demo_texts.get(dealt[i], ())):
+                    dealt[i], dealt[j] = dealt[j], dealt[i]
+                    break
     out = []
     for text_id, task_id in zip(text_ids, dealt):
         if text_id in demo_texts.get(task_id, ()):

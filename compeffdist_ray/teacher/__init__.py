@@ -209,5 +209,11 @@ def check_backend(cfg: TeacherConfig) -> None:
         from compeffdist_ray.models import resolve_model
 
         resolve_model(cfg.model)
-    elif cfg.backend == "openai" and not cfg.openai.base_url.startswith(("http://", "https://")):
-        raise UserError(f"teacher.openai.base_url {cfg.openai.base_url!r} must start with http:// or https://")
+    elif cfg.backend == "openai":
+        if not cfg.openai.base_url.startswith(("http://", "https://")):
+            raise UserError(f"teacher.openai.base_url {cfg.openai.base_url!r} must start with http:// or https://")
+        backend = make_backend(cfg)
+        try:
+            backend.probe()
+        finally:
+            backend.close()

@@ -95,6 +95,24 @@ class OpenAIBackend:
             )
         return Generation("", 0, 0, "error", last_error)
 
+    def probe(self) -> None:
+        """One 1-token request: UserError if the endpoint is unreachable or refuses us."""
+        import httpx
+
+        body = {"model": self.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        try:
+            resp = self.client.post(self.url, json=body)
+        except httpx.HTTPError as exc:
+            raise UserError(
+                f"teacher endpoint {self.url} is unreachable ({type(exc).__name__}); start the server or fix "
+                "teacher.openai.base_url"
+            ) from None
+        if resp.status_code in _FATAL_STATUS:
+            raise UserError(
+                f"teacher endpoint {self.url} answered {resp.status_code} "
+                + _FATAL_STATUS[resp.status_code].format(env=self.api_key_env)
+            )
+
     def generate(self, conversations: list[Messages], params: GenParams) -> list[Generation]:
         return list(self.pool.map(lambda m: self._one(m, params), conversations))
 

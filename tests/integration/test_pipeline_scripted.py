@@ -110,11 +110,12 @@ def test_attribute_matched_pairing(ray_session, scripted_teacher, tmp_path):
     assert set(pairs.loc[pairs["text_id"].isin(unknown), "match"]) == {"fallback"}
 
 
-def test_unreachable_teacher_rows_are_counted_not_lost(ray_session, tmp_path):
+def test_failing_teacher_rows_are_counted_not_lost(ray_session, scripted_teacher, tmp_path):
     from compeffdist_ray.pipeline import run_one_stage
     from compeffdist_ray.stages._common import StageFailed
 
-    cfg = _cfg("http://127.0.0.1:9/v1", tmp_path / "run", "teacher.openai.max_retries=1")
+    _, url = scripted_teacher(fail_first=10**6)  # reachable, but every request fails with a 500
+    cfg = _cfg(url, tmp_path / "run", "teacher.openai.max_retries=1")
     with pytest.raises(StageFailed, match=r"teacher_error 12"):
         run_one_stage(cfg, "attributes")
     from compeffdist_ray.artifacts import RunDir
@@ -135,6 +136,16 @@ def test_wrong_api_key_fails_fast_with_one_line(scripted_teacher, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("compeffdist: error: teacher endpoint") and "401" in last and "MY_KEY" in last
     assert "sekret" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "attributes").exists()  # refused before any stage work
+
+
+def test_unreachable_teacher_fails_before_any_work(tmp_path):
+    args = [sys.executable, "-m", "compeffdist_ray", "run", "--config", str(CONFIGS / "tiny-test.yaml"),
+            *scripted_overrides("http://127.0.0.1:9/v1", tmp_path / "run")]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("compeffdist: error: teacher endpoint http://127.0.0.1:9/v1")
+    assert "unreachable" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_path):
