@@ -120,6 +120,9 @@ class TeacherConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", help="Weights dtype: auto = bfloat16 on GPU, float32 on CPU."
     )
+    chat_template_kwargs: dict[str, Any] = _f(
+        help="Extra arguments of the chat template, e.g. {enable_thinking: false} for Qwen3.", factory=dict
+    )
     max_new_tokens: int = _f(256, help="Longest answer, in tokens.")
     temperature: float = _f(0.0, help="Sampling temperature of the first attempt (0 = greedy).")
     retry_temperature: float = _f(0.7, help="Sampling temperature of retries after a bad answer.")

@@ -128,30 +128,21 @@ ALIASES: dict[str, ModelSpec] = {
         sha256=_SMOLLM2_SHA256,
         size_mb=93,
     ),
-    "tiny-random-gemma3": ModelSpec(
-        name="tiny-random-gemma3",
-        kind="causal_lm",
-        family="gemma3",
-        description="tiny Gemma3ForCausalLM with random weights (tests only)",
-        source="built locally: Gemma3TextConfig (2 layers, hidden 64) + BPE tokenizer trained on the sample corpus",
-        builder="tiny_random",
-    ),
-    "tiny-random-llama": ModelSpec(
-        name="tiny-random-llama",
-        kind="causal_lm",
-        family="llama",
-        description="tiny LlamaForCausalLM with random weights (tests only)",
-        source="built locally: LlamaConfig (2 layers, hidden 64) + BPE tokenizer trained on the sample corpus",
-        builder="tiny_random",
-    ),
-    "tiny-random-qwen3": ModelSpec(
-        name="tiny-random-qwen3",
-        kind="causal_lm",
-        family="qwen3",
-        description="tiny Qwen3ForCausalLM with random weights (tests only)",
-        source="built locally: Qwen3Config (2 layers, hidden 64) + BPE tokenizer trained on the sample corpus",
-        builder="tiny_random",
-    ),
+    **{
+        f"tiny-random-{family}": ModelSpec(
+            name=f"tiny-random-{family}",
+            kind="causal_lm",
+            family=family,
+            description=f"tiny {model_cls} with random weights (tests only)",
+            source=f"built locally: {config_cls} (2 layers, hidden 64) + BPE tokenizer trained on the sample corpus",
+            builder="tiny_random",
+        )
+        for family, config_cls, model_cls in (
+            ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+            ("llama", "LlamaConfig", "LlamaForCausalLM"),
+            ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+        )
+    },
 }
 
 

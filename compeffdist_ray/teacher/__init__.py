@@ -58,6 +58,7 @@ def make_backend(cfg: TeacherConfig) -> ChatBackend:
             resolve_model(cfg.model),
             dtype=cfg.dtype,
             max_prompt_tokens=cfg.max_prompt_tokens,
+            chat_template_kwargs=cfg.chat_template_kwargs,
             threads=None if cfg.num_gpus else default_threads(cfg.num_cpus, cfg.concurrency),
         )
     if cfg.backend == "openai":

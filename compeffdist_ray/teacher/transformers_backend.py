@@ -20,10 +20,11 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def format_chat(tokenizer, messages: Messages) -> str:
+def format_chat(tokenizer, messages: Messages, template_kwargs: dict | None = None) -> str:
     """The prompt text for `messages`: the model's chat template, or a plain format without one."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(template_kwargs or {}))
     parts = []
     for m in messages:
         role = {"system": "System", "user": "User", "assistant": "Assistant"}.get(m["role"], m["role"])
@@ -35,7 +36,8 @@ class TransformersBackend:
     """Loads the model once; `generate` runs one padded batch per call."""
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None,
-                 max_prompt_tokens: int = 3072, threads: int | None = None):
+                 max_prompt_tokens: int = 3072, threads: int | None = None,
+                 chat_template_kwargs: dict | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +51,7 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype, self.device))
         self.model.to(self.device).eval()
         self.max_prompt_tokens = max_prompt_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.eos_ids = self._eos_ids()
         self.truncated_prompts = 0
 
@@ -67,7 +70,7 @@ class TransformersBackend:
 
         if not conversations:
             return []
-        prompts = [format_chat(self.tokenizer, m) for m in conversations]
+        prompts = [format_chat(self.tokenizer, m, self.chat_template_kwargs) for m in conversations]
         enc = self.tokenizer(prompts, add_special_tokens=False)
         ids = []
         for seq in enc["input_ids"]:

@@ -36,6 +36,8 @@ def build_vllm_config(cfg: TeacherConfig, model_source: str):
         concurrency=cfg.concurrency,
         should_continue_on_error=True,  # a bad row is counted and dropped, never fails the stage
     )
+    if cfg.chat_template_kwargs:
+        kwargs["chat_template_stage"] = {"enabled": True, "chat_template_kwargs": dict(cfg.chat_template_kwargs)}
     if v.accelerator_type:
         kwargs["accelerator_type"] = v.accelerator_type
     return llm.vLLMEngineProcessorConfig(**kwargs)

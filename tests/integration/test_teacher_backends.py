@@ -93,6 +93,10 @@ def test_vllm_processor_config_builds_without_vllm():
     assert vc.model_source == "meta-llama/Llama-3.1-70B-Instruct"
     assert vc.engine_kwargs["tensor_parallel_size"] == 8 and vc.engine_kwargs["dtype"] == "bfloat16"
     assert vc.batch_size == 64 and vc.accelerator_type == "H100" and vc.should_continue_on_error
+    qwen = load_config("configs/qwen3-32b-to-4b.yaml").teacher
+    qc = build_vllm_config(qwen, qwen.model)
+    assert qc.chat_template_stage["chat_template_kwargs"] == {"enable_thinking": False}
+    assert qc.engine_kwargs["tensor_parallel_size"] == 2
     sp = _sampling_params(GenParams(max_new_tokens=10, temperature=0.0, seed=3))
     assert sp == {"max_tokens": 10, "temperature": 0.0, "repetition_penalty": 1.0, "seed": 3}
 
