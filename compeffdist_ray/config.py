@@ -231,9 +231,31 @@ class PairingConfig:
 @dataclass
 class SamplingConfig:
     keep_ratio: float = _f(0.5, help="Share of each group's samples kept by difficulty sampling (paper: 0.5).")
-    alpha: float = _f(0.5, help="Rank-weight exponent: weight = rank^(-alpha), hardest rank 1.")
+    alpha: float = _f(
+        0.5,
+        help="Method 'rank_weighted': weight = rank^(-alpha), hardest rank 1; >= 0 (0 = uniform, "
+        "large = nearly the hardest).",
+    )
     grouping: Literal["per_instruction", "global"] = _f(
         "per_instruction", help="Rank within each instruction's group (default) or across all samples."
+    )
+    method: Literal["rank_weighted", "curve", "hardest", "random"] = _f(
+        "rank_weighted",
+        help=(
+            "'rank_weighted' (the paper: draw without replacement with weight rank^(-alpha), "
+            "hardest rank 1), 'curve' (the paper's public code: keep each row with a probability "
+            "that is a curve of its difficulty position peaking at curve_a; the kept count is "
+            "random around keep_ratio), 'hardest' (top-k by difficulty) or 'random' (uniform)."
+        ),
+    )
+    curve_a: float = _f(
+        1.0,
+        help="Method 'curve': difficulty position (0 = easiest, 1 = hardest) kept most often, in "
+        "(0, 1]; 1 keeps the harder samples more often, monotonically.",
+    )
+    score: str = _f(
+        "rank_score",
+        help="Difficulty column to sample by (higher = harder), written by the difficulty stage.",
     )
 
 
@@ -390,6 +412,12 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         positive(path, get_path(cfg, path))
     if not 0.0 < cfg.sampling.keep_ratio <= 1.0:
         errors.append(f"sampling.keep_ratio: must be in (0, 1], got {cfg.sampling.keep_ratio!r}")
+    if not cfg.sampling.alpha >= 0.0:
+        errors.append(f"sampling.alpha: must be >= 0, got {cfg.sampling.alpha!r}")
+    if not 0.0 < cfg.sampling.curve_a <= 1.0:
+        errors.append(f"sampling.curve_a: must be in (0, 1], got {cfg.sampling.curve_a!r}")
+    if not cfg.sampling.score:
+        errors.append("sampling.score: must name a difficulty column, got ''")
     if cfg.tasks.max_perspectives is not None:
         positive("tasks.max_perspectives", cfg.tasks.max_perspectives)
     if not 0.5 <= cfg.perspectives.damping < 1.0:

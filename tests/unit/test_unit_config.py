@@ -33,10 +33,18 @@ def _write(tmp_path, text: str, name: str = "cfg.yaml") -> pathlib.Path:
     return p
 
 
+def _is_mapping_field(dotted: str) -> bool:
+    """True for fields whose value is a free-form mapping (e.g. teacher.chat_template_kwargs)."""
+    try:
+        return isinstance(get_path(Config(), dotted), dict)
+    except AttributeError:
+        return False
+
+
 def _leaves(tree: dict, prefix: str = ""):
     for key, value in tree.items():
         where = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict) and value and where != "teacher.vllm.engine_kwargs":
+        if isinstance(value, dict) and value and not _is_mapping_field(where):
             yield from _leaves(value, where)
         else:
             yield where, value
