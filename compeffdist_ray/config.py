@@ -224,8 +224,19 @@ class PairingConfig:
         help="'random' (the paper's default, balanced over tasks) or 'attribute' (texts go to "
         "tasks of the perspectives their attributes fall in; others fall back to random).",
     )
-    num_texts: int = _f(200, help="User texts paired with instructions (paper: 100K).")
+    num_texts: int = _f(96, help="User texts paired with instructions (paper: 100K).")
     exclude_demo_texts: bool = _f(True, help="Never pair a task with its own demonstration texts.")
+
+
+@dataclass
+class ResponsesConfig:
+    max_new_tokens: int = _f(96, help="Longest teacher answer to one (instruction, text) pair.")
+    demonstrations_in_prompt: Optional[int] = _f(
+        None, help="Demonstrations of the task shown in the prompt; null = all of them (paper: 32)."
+    )
+    drop_truncated: bool = _f(
+        False, help="Drop answers cut off at max_new_tokens (they are always flagged `truncated`)."
+    )
 
 
 @dataclass
@@ -274,6 +285,7 @@ class Config:
     perspectives: PerspectivesConfig = _f(help="Stage 2: perspectives.", factory=PerspectivesConfig)
     tasks: TasksConfig = _f(help="Stage 3: tasks.", factory=TasksConfig)
     pairing: PairingConfig = _f(help="Stage 4: pairing.", factory=PairingConfig)
+    responses: ResponsesConfig = _f(help="Stage 5: teacher responses.", factory=ResponsesConfig)
     sampling: SamplingConfig = _f(help="Difficulty-prioritised sampling.", factory=SamplingConfig)
 
 
@@ -408,6 +420,7 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         "tasks.num_demonstrations",
         "tasks.demo_max_new_tokens",
         "pairing.num_texts",
+        "responses.max_new_tokens",
     ):
         positive(path, get_path(cfg, path))
     if not 0.0 < cfg.sampling.keep_ratio <= 1.0:
@@ -420,6 +433,9 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         errors.append("sampling.score: must name a difficulty column, got ''")
     if cfg.tasks.max_perspectives is not None:
         positive("tasks.max_perspectives", cfg.tasks.max_perspectives)
+    if cfg.responses.demonstrations_in_prompt is not None and cfg.responses.demonstrations_in_prompt < 0:
+        errors.append("responses.demonstrations_in_prompt: must be >= 0 or null, got "
+                      f"{cfg.responses.demonstrations_in_prompt!r}")
     if not 0.5 <= cfg.perspectives.damping < 1.0:
         errors.append(f"perspectives.damping: must be in [0.5, 1), got {cfg.perspectives.damping!r}")
     if not 0.0 <= cfg.perspectives.preference_percentile <= 100.0:

@@ -11,6 +11,8 @@ __all__ = [
     "task_messages",
     "demo_messages",
     "render_instruction",
+    "instruction_with_demonstrations",
+    "response_messages",
     "OUTPUT_STYLES",
 ]
 
@@ -78,3 +80,17 @@ def render_instruction(instruction: str, text: str) -> str:
 def demo_messages(instruction: str, text: str) -> list[dict[str, str]]:
     system = "You are a careful annotator. Follow the instruction and answer briefly, in one or two lines."
     return [{"role": "system", "content": system}, {"role": "user", "content": render_instruction(instruction, text)}]
+
+
+def instruction_with_demonstrations(instruction: str, demonstrations: list[dict], limit: int | None = None) -> str:
+    """The task's instruction followed by its worked examples: the prompt shared by every text
+    of the task (the teacher answers under it, the student is scored and trained under it)."""
+    demos = list(demonstrations)[: limit if limit is not None else None]
+    if not demos:
+        return instruction.strip()
+    shots = "\n\n".join(f"Text: {d['text'].strip()}\nAnswer: {d['output'].strip()}" for d in demos)
+    return f"{instruction.strip()}\n\nExamples:\n\n{shots}"
+
+
+def response_messages(full_instruction: str, text: str) -> list[dict[str, str]]:
+    return demo_messages(full_instruction, text)

@@ -2,7 +2,7 @@
 
 Each stage is a module with `inputs(cfg)`, `config_view(cfg)`, `run(ctx)` and `NEEDS_RAY`;
 its pure logic lives in functions that take and return rows, and `run` does the I/O and Ray.
-Later stages of the recipe (responses, warmup, difficulty, proxy, sampling, finetune,
+Later stages of the recipe (warmup, difficulty, proxy, sampling, finetune,
 evaluate) are added here as they are built.
 """
 
@@ -26,6 +26,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("perspectives", "compeffdist_ray.stages.perspectives", "attributes embedded and clustered into perspectives"),
     StageSpec("tasks", "compeffdist_ray.stages.tasks", "the teacher invents tasks with demonstrations per perspective"),
     StageSpec("pairing", "compeffdist_ray.stages.pairing", "task instructions paired with user texts"),
+    StageSpec("responses", "compeffdist_ray.stages.responses", "the teacher answers every (instruction, text) pair"),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

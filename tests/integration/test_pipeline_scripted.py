@@ -34,7 +34,7 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     teacher, url = scripted_teacher(fail_first=2, garbage_every=5)
     cfg = _cfg(url, tmp_path / "run")
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 4
+    assert [s.state for s in statuses] == ["done"] * 5
     rd = RunDir(str(tmp_path / "run"))
     m = {s.name: s.manifest for s in statuses}
 
@@ -65,6 +65,14 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     demo_of = {r.task_id: {d["text_id"] for d in r.demonstrations} for r in tasks.itertuples()}
     assert not any(r.text_id in demo_of[r.task_id] for r in pairs.itertuples())
 
+    responses = rd.read_df("responses", "responses")
+    answered = int(rd.read_df("responses", "generations")["ok"].sum())
+    assert len(responses) == answered == 40 - sum(m["responses"].dropped.values())
+    assert responses["pair_id"].is_unique and set(responses["pair_id"]) <= set(pairs["pair_id"])
+    assert set(responses["response"]) == {"positive"}
+    for r in responses.merge(tasks, on="task_id", suffixes=("", "_task")).itertuples():
+        assert r.instruction.startswith(r.instruction_task) and r.instruction.count("\nText: ") == len(r.demonstrations)
+
     # token accounting adds up to what the server billed (failed 500s bill nothing)
     total_in = sum(x.tokens["input"] for x in m.values())
     total_out = sum(x.tokens["output"] for x in m.values())
@@ -85,6 +93,7 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     assert third["perspectives"].output_id == m["perspectives"].output_id
     assert third["tasks"].output_id != m["tasks"].output_id
     assert third["pairing"].output_id != m["pairing"].output_id
+    assert third["responses"].output_id != m["responses"].output_id
 
 
 def test_attribute_matched_pairing(ray_session, scripted_teacher, tmp_path):
@@ -188,4 +197,5 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
                             text=True, cwd=ROOT, timeout=120)
     assert status.returncode == 0
     lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:6]}
-    assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing"))
+    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:7]}
+    assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing", "responses"))
