@@ -83,7 +83,9 @@ def run(ctx: StageContext) -> StageOutput:
     pairs = ctx.run.read_df("pairing", "pairs")
     tasks = ctx.run.read_df("tasks", "tasks")
     prompts = build_prompts(pairs, tasks, rc.demonstrations_in_prompt)
-    gens = run_generation(prompts[["key", "messages"]], cfg.teacher, parse_response,
+    # Pairs of one task share its long instruction: batching them together keeps padding low.
+    by_task = prompts.assign(task_id=pairs["task_id"].to_numpy()).sort_values("task_id", kind="stable")
+    gens = run_generation(by_task[["key", "messages"]], cfg.teacher, parse_response,
                           max_new_tokens=rc.max_new_tokens, seed=cfg.seed + 5)
     ctx.run.write_table(ctx.stage, "generations", gens)
     kept, dropped_truncated = assemble(pairs, prompts, gens, rc.drop_truncated)
