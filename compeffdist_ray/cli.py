@@ -103,34 +103,24 @@ def status_table(statuses) -> str:
 def _cmd_status(args) -> int:
     import json
 
+    import yaml
+
     from compeffdist_ray.artifacts import RunDir
-    from compeffdist_ray.config import config_from_dict, load_config, read_yaml
+    from compeffdist_ray.config import config_from_dict, load_config
     from compeffdist_ray.pipeline import CONFIG_FILE, stage_statuses
 
     if args.run_dir is None and args.config is None:
         raise UserError("give a run directory: compeffdist status RUN_DIR")
-    if args.config:
-        cfg = load_config(args.config)
-        run_dir = args.run_dir or cfg.run_dir
-    else:
-        run_dir = args.run_dir
-        cfg = None
-    rd_path = run_dir
-    if "://" not in rd_path and not os.path.isdir(rd_path):
-        raise UserError(f"run directory not found: {rd_path}")
-    rd = RunDir(rd_path)
-    if cfg is None:
+    cfg = load_config(args.config) if args.config else None
+    run_dir = args.run_dir or cfg.run_dir
+    if "://" not in run_dir and not os.path.isdir(run_dir):
+        raise UserError(f"run directory not found: {run_dir}")
+    rd = RunDir(run_dir)
+    if cfg is None:  # compare against the config the run itself was made with
         text = rd.read_text(CONFIG_FILE)
         if text is None:
-            raise UserError(f"{rd_path} has no {CONFIG_FILE}: not a run directory (or give --config)")
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(text)
-        try:
-            cfg = config_from_dict(read_yaml(f.name))
-        finally:
-            os.unlink(f.name)
+            raise UserError(f"{run_dir} has no {CONFIG_FILE}: not a run directory (or give --config)")
+        cfg = config_from_dict(yaml.safe_load(text) or {})
     statuses = stage_statuses(rd, cfg)
     if args.json:
         from dataclasses import asdict
