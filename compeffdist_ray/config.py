@@ -240,6 +240,19 @@ class ResponsesConfig:
 
 
 @dataclass
+class DifficultyConfig:
+    top_p: float = _f(0.95, help="Nucleus of the rank-based difficulty (paper's code: 0.95).")
+    batch_size: int = _f(32, help="Rows per batch handed to one scoring actor (rows of a task together).")
+    concurrency: int = _f(1, help="Scoring actors (student replicas).")
+    num_cpus: float = _f(1.0, help="CPUs reserved per scoring actor.")
+    num_gpus: float = _f(0.0, help="GPUs per scoring actor.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", help="Student weights dtype: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    prefix_reuse: bool = _f(True, help="Compute each instruction's shared prefix once per group (KV cache).")
+
+
+@dataclass
 class SamplingConfig:
     keep_ratio: float = _f(0.5, help="Share of each group's samples kept by difficulty sampling (paper: 0.5).")
     alpha: float = _f(
@@ -286,7 +299,8 @@ class Config:
     tasks: TasksConfig = _f(help="Stage 3: tasks.", factory=TasksConfig)
     pairing: PairingConfig = _f(help="Stage 4: pairing.", factory=PairingConfig)
     responses: ResponsesConfig = _f(help="Stage 5: teacher responses.", factory=ResponsesConfig)
-    sampling: SamplingConfig = _f(help="Difficulty-prioritised sampling.", factory=SamplingConfig)
+    difficulty: DifficultyConfig = _f(help="Stage 6: difficulty scoring by the student.", factory=DifficultyConfig)
+    sampling: SamplingConfig = _f(help="Stage 7: difficulty-prioritised sampling.", factory=SamplingConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,10 +435,14 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         "tasks.demo_max_new_tokens",
         "pairing.num_texts",
         "responses.max_new_tokens",
+        "difficulty.batch_size",
+        "difficulty.concurrency",
     ):
         positive(path, get_path(cfg, path))
     if not 0.0 < cfg.sampling.keep_ratio <= 1.0:
         errors.append(f"sampling.keep_ratio: must be in (0, 1], got {cfg.sampling.keep_ratio!r}")
+    if not 0.0 < cfg.difficulty.top_p <= 1.0:
+        errors.append(f"difficulty.top_p: must be in (0, 1], got {cfg.difficulty.top_p!r}")
     if not cfg.sampling.alpha >= 0.0:
         errors.append(f"sampling.alpha: must be >= 0, got {cfg.sampling.alpha!r}")
     if not 0.0 < cfg.sampling.curve_a <= 1.0:

@@ -99,6 +99,10 @@ def preflight(cfg: Config, names: list[str]) -> None:
         from compeffdist_ray.models import resolve_model
 
         resolve_model(cfg.embedding.model, kind="embedding")
+    if "student" in needs:
+        from compeffdist_ray.models import resolve_model
+
+        resolve_model(cfg.student.model)
     if "teacher" in needs:
         from compeffdist_ray.teacher import check_backend
 

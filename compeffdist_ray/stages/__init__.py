@@ -2,8 +2,7 @@
 
 Each stage is a module with `inputs(cfg)`, `config_view(cfg)`, `run(ctx)` and `NEEDS_RAY`;
 its pure logic lives in functions that take and return rows, and `run` does the I/O and Ray.
-Later stages of the recipe (warmup, difficulty, proxy, sampling, finetune,
-evaluate) are added here as they are built.
+Later stages of the recipe (warmup, proxy, finetune, evaluate) are added here as they are built.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tasks", "compeffdist_ray.stages.tasks", "the teacher invents tasks with demonstrations per perspective"),
     StageSpec("pairing", "compeffdist_ray.stages.pairing", "task instructions paired with user texts"),
     StageSpec("responses", "compeffdist_ray.stages.responses", "the teacher answers every (instruction, text) pair"),
+    StageSpec("difficulty", "compeffdist_ray.stages.difficulty", "the student scores how hard each answered pair is"),
+    StageSpec("sampling", "compeffdist_ray.stages.sampling", "the hardest samples kept, per instruction"),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -34,7 +35,7 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     teacher, url = scripted_teacher(fail_first=2, garbage_every=5)
     cfg = _cfg(url, tmp_path / "run")
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 5
+    assert [s.state for s in statuses] == ["done"] * 7
     rd = RunDir(str(tmp_path / "run"))
     m = {s.name: s.manifest for s in statuses}
 
@@ -73,6 +74,22 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     for r in responses.merge(tasks, on="task_id", suffixes=("", "_task")).itertuples():
         assert r.instruction.startswith(r.instruction_task) and r.instruction.count("\nText: ") == len(r.demonstrations)
 
+    scored = rd.read_df("difficulty", "difficulty")
+    assert sorted(scored["pair_id"]) == sorted(responses["pair_id"])
+    for metric in ("rank_score", "rank_score_all", "nll", "ppl", "ifd"):
+        assert scored[metric].notna().all() and np.isfinite(scored[metric]).all(), metric
+    assert ((scored["rank_score"] >= scored["rank_score_all"] - 1e-12) & (scored["rank_score"] <= 1)).all()
+    for metric in ("rank_score", "nll", "ifd"):
+        assert (tmp_path / "run" / "difficulty" / f"hist_{metric}.png").read_bytes()[:4] == b"\x89PNG"
+    kept = rd.read_df("sampling", "kept")
+    from compeffdist_ray.sampling import keep_count
+
+    sizes = scored["task_id"].value_counts()
+    assert kept["task_id"].value_counts().to_dict() == {t: keep_count(n, 0.5) for t, n in sizes.items()}
+    assert set(kept["pair_id"]) <= set(scored["pair_id"]) and kept["pair_id"].is_unique
+    report = m["sampling"].stats["report"]
+    assert report["labels"]["before"]["counts"] == {"positive": len(scored)}
+
     # token accounting adds up to what the server billed (failed 500s bill nothing)
     total_in = sum(x.tokens["input"] for x in m.values())
     total_out = sum(x.tokens["output"] for x in m.values())
@@ -94,6 +111,7 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     assert third["tasks"].output_id != m["tasks"].output_id
     assert third["pairing"].output_id != m["pairing"].output_id
     assert third["responses"].output_id != m["responses"].output_id
+    assert third["sampling"].output_id != m["sampling"].output_id
 
 
 def test_attribute_matched_pairing(ray_session, scripted_teacher, tmp_path):
@@ -197,5 +215,6 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
                             text=True, cwd=ROOT, timeout=120)
     assert status.returncode == 0
     lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:6]}
-    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:7]}
-    assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing", "responses"))
+    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:9]}
+    assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing", "responses",
+                                                "difficulty", "sampling"))

@@ -1,4 +1,4 @@
-"""Stages 1-5 with the real SmolLM2-135M-Instruct teacher on local Ray (a few minutes on 2 cores)."""
+"""Stages 1-7 with the real SmolLM2-135M-Instruct teacher on local Ray (a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import CONFIGS
 pytestmark = pytest.mark.integration
 
 
-def test_smollm2_stages_1_to_5(ray_session, tmp_path):
+def test_smollm2_stages_1_to_7(ray_session, tmp_path):
     from compeffdist_ray.artifacts import RunDir
     from compeffdist_ray.config import load_config
     from compeffdist_ray.pipeline import run_pipeline
@@ -19,7 +19,7 @@ def test_smollm2_stages_1_to_5(ray_session, tmp_path):
         "tasks.tasks_per_perspective=2", "tasks.num_demonstrations=2", "pairing.num_texts=30",
     ])
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 5
+    assert [s.state for s in statuses] == ["done"] * 7
     rd = RunDir(cfg.run_dir)
     m = {s.name: s.manifest for s in statuses}
     attrs = rd.read_df("attributes", "attribute_counts")
@@ -36,3 +36,7 @@ def test_smollm2_stages_1_to_5(ray_session, tmp_path):
     responses = rd.read_df("responses", "responses")
     assert len(responses) >= 20 and responses["response"].str.strip().str.len().gt(0).all()
     assert m["responses"].tokens["output"] == int(rd.read_df("responses", "generations")["output_tokens"].sum()) > 0
+    scored = rd.read_df("difficulty", "difficulty")
+    assert len(scored) == len(responses) and scored["rank_score"].between(0, 1).all()
+    assert scored["nll"].gt(0).all() and scored["n_response_tokens"].ge(1).all()
+    assert 0 < m["sampling"].rows < len(scored)

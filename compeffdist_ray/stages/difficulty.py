@@ -1,0 +1,156 @@
+"""Stage 6, difficulty: the student scores every (instruction, text, response) row with one forward pass.
+
+Reads `responses/responses.parquet`. Scores on a Ray Data actor pool (one student load per
+actor; rows of one task are batched together so that their shared instruction prefix is
+computed once, see `compeffdist_ray.difficulty.score_batch`). Until the warm-up stage exists
+the scorer is `student.model` itself, not a warmed-up copy.
+Writes `difficulty/difficulty.parquet` (the responses' columns plus rank_score,
+rank_score_all, nll, ppl, ifd, n_response_tokens) and one histogram per metric
+(`difficulty/hist_<metric>.png`); warns when a metric piles up at its bounds (the paper's
+"metric saturation": rank_score at 0 or 1 does not tell samples apart).
+Needs: the student; CPU, or GPUs with `difficulty.num_gpus`.
+
+    compeffdist stage difficulty --config configs/local-demo.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from compeffdist_ray.stages._common import StageContext, StageFailed, StageOutput
+
+log = logging.getLogger("compeffdist_ray")
+
+NEEDS_RAY = True
+VERSION = 1
+REQUIRES = ("student",)  # checked before any stage starts
+
+METRICS = ("rank_score", "rank_score_all", "nll", "ppl", "ifd")
+SATURATION_SHARE = 0.5
+
+
+def inputs(cfg) -> tuple[str, ...]:
+    return ("responses",)
+
+
+def config_view(cfg) -> dict:
+    view = asdict(cfg.difficulty)
+    for key in ("batch_size", "concurrency", "num_cpus", "num_gpus"):
+        view.pop(key)
+    return {"seed": cfg.seed, "student": cfg.student.model, "difficulty": view}
+
+
+class ScoreUDF:
+    """A Ray Data callable class: loads the student once, scores batches of rows."""
+
+    def __init__(self, model: str, dtype: str, top_p: float, prefix_reuse: bool, num_gpus: float, num_cpus: float):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from compeffdist_ray.models import resolve_model
+        from compeffdist_ray.teacher.transformers_backend import default_threads, torch_dtype
+
+        device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(default_threads(num_cpus, 1))
+        path = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device)).to(device).eval()
+        self.top_p = top_p
+        self.prefix_reuse = prefix_reuse
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        from compeffdist_ray.difficulty import METRIC_COLUMNS, score_batch
+
+        rows = [{"instruction": i, "text": t, "response": r, "group": g}
+                for i, t, r, g in zip(batch["instruction"], batch["text"], batch["response"], batch["task_id"])]
+        scores = score_batch(self.model, self.tokenizer, rows, top_p=self.top_p, prefix_reuse=self.prefix_reuse)
+        out = pd.DataFrame(scores, columns=list(METRIC_COLUMNS))
+        out.insert(0, "pair_id", list(batch["pair_id"]))
+        return out
+
+
+def saturation(values, low: float, high: float) -> dict:
+    """Shares of rows exactly at the metric's bounds."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return {"at_low": float(np.mean(v <= low)), "at_high": float(np.mean(v >= high))}
+
+
+def summarize(df) -> tuple[dict, list[str]]:
+    """Per-metric summary (mean, std, quantiles) and saturation warnings."""
+    stats, warnings = {}, []
+    for metric in METRICS:
+        col = df[metric].astype(float)
+        stats[metric] = {"mean": round(float(col.mean()), 5), "std": round(float(col.std(ddof=0)), 5),
+                         **{f"p{q}": round(float(col.quantile(q / 100)), 5) for q in (5, 25, 50, 75, 95)}}
+    for metric in ("rank_score", "rank_score_all"):
+        sat = saturation(df[metric], 0.0, 1.0)
+        stats[metric].update({k: round(v, 4) for k, v in sat.items()})
+        for side, share in sat.items():
+            if share >= SATURATION_SHARE:
+                warnings.append(f"{metric}: {share:.0%} of rows score {'0' if side == 'at_low' else '1'}: the metric "
+                                "is saturated and does not tell these samples apart")
+    return stats, warnings
+
+
+def histograms(df, write) -> list[str]:
+    """One PNG per metric; `write(name, bytes)` stores it. Returns the file names."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for metric in METRICS:
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        ax.hist(df[metric].astype(float), bins=30, color="#4c72b0")
+        ax.set_title(f"{metric} (n = {len(df)})")
+        ax.set_xlabel(metric)
+        ax.set_ylabel("rows")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        name = f"hist_{metric}.png"
+        write(name, buf.getvalue())
+        names.append(name)
+    return names
+
+
+def run(ctx: StageContext) -> StageOutput:
+    import math
+
+    import ray
+
+    cfg, dc = ctx.cfg, ctx.cfg.difficulty
+    responses = ctx.run.read_df("responses", "responses").sort_values(["task_id", "pair_id"], kind="stable")
+    cols = ["pair_id", "task_id", "instruction", "text", "response"]
+    num_blocks = max(1, math.ceil(len(responses) / dc.batch_size))
+    ds = ray.data.from_pandas(responses[cols].reset_index(drop=True)).repartition(num_blocks)
+    scores = ds.map_batches(
+        ScoreUDF,
+        fn_constructor_kwargs=dict(model=cfg.student.model, dtype=dc.dtype, top_p=dc.top_p, prefix_reuse=dc.prefix_reuse,
+                                   num_gpus=dc.num_gpus, num_cpus=dc.num_cpus),
+        batch_size=dc.batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=dc.concurrency),
+        num_cpus=dc.num_cpus,
+        num_gpus=dc.num_gpus,
+    ).to_pandas()
+    if len(scores) != len(responses) or set(scores["pair_id"]) != set(responses["pair_id"]):
+        raise StageFailed(f"difficulty: {len(responses)} rows in, {len(scores)} scored; rows were lost")
+    out = responses.merge(scores, on="pair_id").sort_values("pair_id").reset_index(drop=True)
+    ctx.run.write_table(ctx.stage, "difficulty", out)
+    stats, warnings = summarize(out)
+    for w in warnings:
+        log.warning("difficulty: %s", w)
+    files = histograms(out, lambda name, data: ctx.run.write_bytes(ctx.stage, name, data))
+    return StageOutput(rows=len(out), stats={"metrics": stats, "warnings": warnings, "histograms": files,
+                                             "scorer": cfg.student.model})
