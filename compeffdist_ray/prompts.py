@@ -9,10 +9,9 @@ from __future__ import annotations
 __all__ = [
     "attributes_messages",
     "task_messages",
-    "demo_messages",
+    "answer_messages",
     "render_instruction",
     "instruction_with_demonstrations",
-    "response_messages",
     "OUTPUT_STYLES",
 ]
 
@@ -77,7 +76,9 @@ def render_instruction(instruction: str, text: str) -> str:
     return f"{instruction.strip()}\n\nText: {text.strip()}"
 
 
-def demo_messages(instruction: str, text: str) -> list[dict[str, str]]:
+def answer_messages(instruction: str, text: str) -> list[dict[str, str]]:
+    """The teacher's prompt for answering one text under an instruction (demonstrations and
+    responses alike, so both are written in the same conditions)."""
     system = "You are a careful annotator. Follow the instruction and answer briefly, in one or two lines."
     return [{"role": "system", "content": system}, {"role": "user", "content": render_instruction(instruction, text)}]
 
@@ -90,7 +91,3 @@ def instruction_with_demonstrations(instruction: str, demonstrations: list[dict]
         return instruction.strip()
     shots = "\n\n".join(f"Text: {d['text'].strip()}\nAnswer: {d['output'].strip()}" for d in demos)
     return f"{instruction.strip()}\n\nExamples:\n\n{shots}"
-
-
-def response_messages(full_instruction: str, text: str) -> list[dict[str, str]]:
-    return demo_messages(full_instruction, text)

@@ -35,15 +35,16 @@ class StageOutput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _strip(obj: Any) -> Any:
+def without_resources(obj: Any) -> Any:
+    """A config section (as a dict, nested) without the keys that only change speed."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in _RESOURCE_KEYS}
+        return {k: without_resources(v) for k, v in obj.items() if k not in _RESOURCE_KEYS}
     return obj
 
 
 def teacher_view(cfg: TeacherConfig) -> dict:
     """The teacher settings that change its answers (for fingerprints)."""
-    return _strip(dataclasses.asdict(cfg))
+    return without_resources(dataclasses.asdict(cfg))
 
 
 def generation_drops(frame, prefix: str = "") -> dict[str, int]:

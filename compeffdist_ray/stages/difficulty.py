@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from compeffdist_ray.stages._common import StageContext, StageFailed, StageOutput
+from compeffdist_ray.stages._common import StageContext, StageFailed, StageOutput, without_resources
 
 log = logging.getLogger("compeffdist_ray")
 
@@ -35,10 +35,7 @@ def inputs(cfg) -> tuple[str, ...]:
 
 
 def config_view(cfg) -> dict:
-    view = asdict(cfg.difficulty)
-    for key in ("batch_size", "concurrency", "num_cpus", "num_gpus"):
-        view.pop(key)
-    return {"seed": cfg.seed, "student": cfg.student.model, "difficulty": view}
+    return {"seed": cfg.seed, "student": cfg.student.model, "difficulty": without_resources(asdict(cfg.difficulty))}
 
 
 class ScoreUDF:
@@ -46,17 +43,13 @@ class ScoreUDF:
 
     def __init__(self, model: str, dtype: str, top_p: float, prefix_reuse: bool, num_gpus: float, num_cpus: float):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from compeffdist_ray.models import resolve_model
-        from compeffdist_ray.teacher.transformers_backend import default_threads, torch_dtype
+        from compeffdist_ray.teacher.transformers_backend import default_threads, load_causal_lm
 
         device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(default_threads(num_cpus, 1))
-        path = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device)).to(device).eval()
+        threads = default_threads(num_cpus, 1) if device == "cpu" else None
+        self.tokenizer, self.model = load_causal_lm(resolve_model(model), dtype=dtype, device=device, threads=threads)
         self.top_p = top_p
         self.prefix_reuse = prefix_reuse
 

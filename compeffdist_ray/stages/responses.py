@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from compeffdist_ray.prompts import instruction_with_demonstrations, response_messages
+from compeffdist_ray.prompts import answer_messages, instruction_with_demonstrations
 from compeffdist_ray.stages._common import (
     StageContext,
     StageFailed,
@@ -57,7 +57,7 @@ def build_prompts(pairs, tasks, demonstrations_in_prompt: int | None):
     return pd.DataFrame({
         "key": pairs["pair_id"],
         "instruction": instructions,
-        "messages": [json.dumps(response_messages(i, x), ensure_ascii=False) for i, x in zip(instructions, pairs["text"])],
+        "messages": [json.dumps(answer_messages(i, x), ensure_ascii=False) for i, x in zip(instructions, pairs["text"])],
     })
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict
 import numpy as np
 
 from compeffdist_ray.parsing import parse_key_values
-from compeffdist_ray.prompts import OUTPUT_STYLES, demo_messages, task_messages
+from compeffdist_ray.prompts import OUTPUT_STYLES, answer_messages, task_messages
 from compeffdist_ray.stages._common import (
     StageContext,
     StageFailed,
@@ -156,7 +156,7 @@ def run(ctx: StageContext) -> StageOutput:
                                 tc.num_demonstrations, cfg.seed)
     instr = {t["task_id"]: t["instruction"] for t in tasks}
     demo_df = pd.DataFrame([
-        {"key": f"{tid}|{text_id}", "messages": json.dumps(demo_messages(instr[tid], text_by_id[text_id]), ensure_ascii=False)}
+        {"key": f"{tid}|{text_id}", "messages": json.dumps(answer_messages(instr[tid], text_by_id[text_id]), ensure_ascii=False)}
         for tid, text_ids in assigned.items() for text_id in text_ids
     ])
     demo_gens = run_generation(demo_df, cfg.teacher, parse_demo_output, max_new_tokens=tc.demo_max_new_tokens,

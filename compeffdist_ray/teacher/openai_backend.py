@@ -68,11 +68,7 @@ class OpenAIBackend:
             except httpx.HTTPError as exc:  # connection refused, timeouts, protocol errors
                 last_error = f"{type(exc).__name__}: {exc}"
                 continue
-            if resp.status_code in _FATAL_STATUS:
-                raise UserError(
-                    f"teacher endpoint {self.url} answered {resp.status_code} "
-                    + _FATAL_STATUS[resp.status_code].format(env=self.api_key_env)
-                )
+            self._raise_if_fatal(resp.status_code)
             if resp.status_code in _RETRY_STATUS:
                 last_error = f"HTTP {resp.status_code}"
                 continue
@@ -107,11 +103,13 @@ class OpenAIBackend:
                 f"teacher endpoint {self.url} is unreachable ({type(exc).__name__}); start the server or fix "
                 "teacher.openai.base_url"
             ) from None
-        if resp.status_code in _FATAL_STATUS:
-            raise UserError(
-                f"teacher endpoint {self.url} answered {resp.status_code} "
-                + _FATAL_STATUS[resp.status_code].format(env=self.api_key_env)
-            )
+        self._raise_if_fatal(resp.status_code)
+
+    def _raise_if_fatal(self, status: int) -> None:
+        """Statuses no retry can fix (bad key, wrong URL or model) stop the run with one line."""
+        if status in _FATAL_STATUS:
+            raise UserError(f"teacher endpoint {self.url} answered {status} "
+                            + _FATAL_STATUS[status].format(env=self.api_key_env))
 
     def generate(self, conversations: list[Messages], params: GenParams) -> list[Generation]:
         return list(self.pool.map(lambda m: self._one(m, params), conversations))

@@ -9,7 +9,7 @@ from compeffdist_ray.teacher.base import Generation, GenParams, Messages
 
 log = logging.getLogger("compeffdist_ray")
 
-__all__ = ["TransformersBackend", "format_chat", "torch_dtype"]
+__all__ = ["TransformersBackend", "format_chat", "load_causal_lm", "torch_dtype"]
 
 
 def torch_dtype(name: str, device: str):
@@ -32,6 +32,18 @@ def format_chat(tokenizer, messages: Messages, template_kwargs: dict | None = No
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
+def load_causal_lm(model_path: str, *, dtype: str = "auto", device: str = "cpu", threads: int | None = None):
+    """(tokenizer, model) from a local Hugging Face dir, on `device`, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype, device))
+    return tokenizer, model.to(device).eval()
+
+
 class TransformersBackend:
     """Loads the model once; `generate` runs one padded batch per call."""
 
@@ -39,17 +51,12 @@ class TransformersBackend:
                  max_prompt_tokens: int = 3072, threads: int | None = None,
                  chat_template_kwargs: dict | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if threads:
-            torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.tokenizer.padding_side = "left"
+        self.tokenizer, self.model = load_causal_lm(model_path, dtype=dtype, device=self.device, threads=threads)
+        self.tokenizer.padding_side = "left"  # generation continues every row from its last token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype, self.device))
-        self.model.to(self.device).eval()
         self.max_prompt_tokens = max_prompt_tokens
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.eos_ids = self._eos_ids()

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from compeffdist_ray.prompts import instruction_with_demonstrations, render_instruction, response_messages
+from compeffdist_ray.prompts import answer_messages, instruction_with_demonstrations, render_instruction
 from compeffdist_ray.stages.responses import assemble, build_prompts
 
 DEMOS = [{"text_id": "a", "text": " Great food. ", "output": "positive\n"},
@@ -37,7 +37,7 @@ def test_build_prompts_shares_one_instruction_per_task():
     assert list(prompts["key"]) == ["p1", "p2", "p3"]
     assert prompts["instruction"][0] == prompts["instruction"][2] != prompts["instruction"][1]
     msgs = json.loads(prompts["messages"][1])
-    assert msgs == response_messages(prompts["instruction"][1], "bad phone")
+    assert msgs == answer_messages(prompts["instruction"][1], "bad phone")
     assert msgs[-1]["content"] == render_instruction(instruction_with_demonstrations("Rate it.", DEMOS[:1]), "bad phone")
     assert build_prompts(pairs, tasks, 0)["instruction"][0] == "Label it."
 
