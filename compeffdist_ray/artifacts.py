@@ -138,6 +138,33 @@ class RunDir:
     def read_df(self, stage: str, name: str):
         return self.read_table(stage, name).to_pandas()
 
+    def upload_dir(self, local_dir: str, stage: str, name: str) -> None:
+        """Copy a local directory into `<stage>/<name>/` (under a temporary name, then renamed)."""
+        import pyarrow.fs as pafs
+
+        final = self.path(stage, name)
+        tmp = self.path(stage, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.fs.create_dir(tmp, recursive=True)
+        pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        if self.exists(stage, name):
+            self.fs.delete_dir(final)
+        self.fs.move(tmp, final)
+
+    def local_dir(self, stage: str, name: str, cache_root: str | None = None) -> str:
+        """A local path to `<stage>/<name>/`: the path itself on a local run dir, else a downloaded copy."""
+        import tempfile
+
+        import pyarrow.fs as pafs
+
+        if self.local:
+            return self.path(stage, name)
+        dest = os.path.join(cache_root or tempfile.mkdtemp(prefix="compeffdist-"), stage, name)
+        if not os.path.isdir(dest):
+            pafs.copy_files(self.path(stage, name), dest + ".part", source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            os.replace(dest + ".part", dest)
+        return dest
+
     def write_json(self, name: str, data: Any) -> None:
         self.fs.create_dir(self.root, recursive=True)
         tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -92,12 +92,50 @@ def status_table(statuses) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in [header, *rows]]
-    details = []
+    details, notes = [], []
     for s in statuses:
         if s.manifest is not None and s.manifest.dropped:
             why = ", ".join(f"{k} {v}" for k, v in sorted(s.manifest.dropped.items()))
             details.append(f"  {s.name} dropped: {why}")
-    return "\n".join(lines + (["", "drops:"] + details if details else []))
+        note = _stage_note(s.name, s.manifest.stats) if s.manifest is not None else None
+        if note:
+            notes.append(f"  {s.name}: {note}")
+    return "\n".join(lines + (["", "drops:"] + details if details else []) + (["", "notes:"] + notes if notes else []))
+
+
+def _num(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _stage_note(name: str, stats: dict) -> str | None:
+    """One line of the figures that matter most for a stage, from its manifest's stats."""
+    try:
+        if name in ("warmup", "finetune"):
+            if not stats.get("enabled", True):
+                return "disabled" + ("; difficulty scored with student.model" if name == "warmup" else "")
+            return (f"{stats['samples']} samples, {stats['steps']} steps, loss {_num(stats['loss_first'])} -> "
+                    f"{_num(stats['loss_last'])}, {_num(stats['tokens_per_s'], '.0f')} tokens/s, "
+                    f"{stats['workers']} worker(s), ZeRO-{stats['zero_stage']}")
+        if name == "difficulty":
+            rank = stats["metrics"]["rank_score"]
+            warn = f"; {len(stats['warnings'])} saturation warning(s)" if stats.get("warnings") else ""
+            return f"scorer {stats['scorer']}, rank_score mean {_num(rank['mean'])} (p5 {_num(rank['p5'])}, p95 {_num(rank['p95'])}){warn}"
+        if name == "proxy":
+            m = stats["metrics"]
+            return (f"held-out spearman {_num(m.get('spearman'))} (within tasks {_num(m.get('spearman_within_groups'))}), "
+                    f"MAE {_num(m.get('mae'), '.4f')} vs {_num(m.get('mae_baseline'), '.4f')} constant; "
+                    f"{m.get('n_train')} train / {m.get('n_eval')} held out")
+        if name == "sampling":
+            r = stats["report"]
+            return f"kept {r['rows_after']:,} of {r['rows_before']:,} ({stats.get('warnings') and 'with warnings' or 'no warnings'})"
+        if name == "kept_responses":
+            t = stats["teacher"]
+            spent = t["answer_tokens_spent"]["input"] + t["answer_tokens_spent"]["output"]
+            return (f"{t['answered']:,} of {t['pairs']:,} pairs answered in all; answer tokens spent {spent:,}, "
+                    f"saved about {t['answer_tokens_saved_est']:,} ({t['saved_share_est']:.0%})")
+    except (KeyError, TypeError):
+        return None
+    return None
 
 
 def _cmd_status(args) -> int:

@@ -14,6 +14,7 @@ the YAML. Every unknown or mistyped key is reported with its dotted path, all in
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 BUILTIN_CORPUS = "builtin:sample-corpus"
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(UserError):
@@ -56,7 +58,9 @@ class RayConfig:
         None, help="Ray cluster address; null runs ray.init() on this machine (local mode)."
     )
     num_cpus: Optional[int] = _f(None, help="CPUs for a local Ray instance; null = all cores.")
-    include_dashboard: bool = _f(False, help="Start the Ray dashboard in local mode.")
+    include_dashboard: bool = _f(
+        True, help="Start the Ray dashboard in local mode (it also serves the state API Ray Train relies on)."
+    )
     progress_bars: bool = _f(True, help="Show Ray Data progress bars.")
 
 
@@ -237,6 +241,74 @@ class ResponsesConfig:
     drop_truncated: bool = _f(
         False, help="Drop answers cut off at max_new_tokens (they are always flagged `truncated`)."
     )
+    file: Optional[str] = _f(
+        None,
+        help="Bring your own answers: score, sample and train on the (instruction, text, response) rows "
+        "of this jsonl/json/csv/parquet file (optional columns: task_id groups rows per instruction, "
+        "pair_id) instead of asking the teacher; the stages before responses are then skipped.",
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed settings shared by every training stage (warmup, finetune)."""
+
+    num_workers: int = _f(1, help="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = _f(False, help="One GPU per worker (bf16); false trains on CPU (fp32, gloo).")
+    cpus_per_worker: float = _f(
+        1.0, help="CPUs reserved per worker; fractional on small machines so Ray Data keeps some."
+    )
+    gpus_per_worker: float = _f(1.0, help="GPUs per worker when use_gpu is true.")
+    torch_threads: Optional[int] = _f(
+        None,
+        help="CPU training: torch threads per worker; null = in local mode this machine's cores shared by "
+        "the workers (stages run one at a time), on a cluster cpus_per_worker rounded down (at least 1).",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f(
+        "PACK", help="How workers are placed on nodes (STRICT_SPREAD: one worker per node)."
+    )
+    storage_path: Optional[str] = _f(
+        None,
+        help="Where checkpoints go (local path or cloud URI, shared by all nodes); null = "
+        "<run_dir>/_train. A rerun with the same settings resumes from the latest checkpoint.",
+    )
+    max_failures: int = _f(0, help="Worker-group restarts after a failure (Ray Train FailureConfig).")
+    zero_stage: int = _f(2, help="DeepSpeed ZeRO stage, 0-3.")
+    offload_optimizer: bool = _f(False, help="ZeRO 1-3: keep optimizer states in CPU memory.")
+    offload_params: bool = _f(False, help="ZeRO 3: keep parameters in CPU memory.")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", help="auto = bf16 on GPU, fp32 on CPU.")
+    micro_batch_size: int = _f(4, help="Sequences per worker per forward pass.")
+    gradient_accumulation_steps: int = _f(1, help="Micro-batches per optimizer step.")
+    max_length: int = _f(2048, help="Longest training sequence in tokens; longer rows are dropped and counted.")
+    lr: float = _f(2e-5, help="Peak learning rate (paper: 2e-5, full fine-tuning).")
+    weight_decay: float = _f(0.01, help="AdamW weight decay (paper: 0.01).")
+    betas: list[float] = _f(help="AdamW betas (paper: 0.9, 0.95).", factory=lambda: [0.9, 0.95])
+    warmup_steps: int = _f(100, help="Linear LR warm-up steps (paper: 100), capped at a tenth of the run.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = _f("cosine", help="LR decay after warm-up.")
+    gradient_clipping: float = _f(1.0, help="Max gradient norm; 0 = no clipping.")
+    gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass (less memory).")
+    checkpoint_every: int = _f(50, help="Save a checkpoint every this many optimizer steps (and at the end).")
+    keep_checkpoints: int = _f(2, help="Checkpoints kept (the latest ones).")
+
+
+@dataclass
+class WarmupConfig:
+    enabled: bool = _f(
+        True, help="Warm the student up before it scores difficulty; false scores with student.model."
+    )
+    num_samples: int = _f(32, help="Answered pairs drawn at random to warm up on (paper: a few thousand).")
+    epochs: int = _f(1, help="Passes over the warm-up samples.")
+    max_steps: Optional[int] = _f(None, help="Stop after this many optimizer steps; null = the epochs.")
+    lr: Optional[float] = _f(None, help="Peak learning rate of the warm-up; null = train.lr.")
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = _f(True, help="Fine-tune the student on the kept samples (stage finetune).")
+    epochs: int = _f(1, help="Passes over the kept samples (paper: 1).")
+    max_steps: Optional[int] = _f(None, help="Stop after this many optimizer steps; null = the epochs.")
+    lr: Optional[float] = _f(None, help="Peak learning rate; null = train.lr.")
+    packing: bool = _f(False, help="Pack consecutive samples into sequences of up to train.max_length tokens.")
 
 
 @dataclass
@@ -250,6 +322,53 @@ class DifficultyConfig:
         "auto", help="Student weights dtype: auto = bfloat16 on GPU, float32 on CPU."
     )
     prefix_reuse: bool = _f(True, help="Compute each instruction's shared prefix once per group (KV cache).")
+
+
+@dataclass
+class ProxyConfig:
+    """The proxy difficulty model (stage 8) and proxy mode; model fields mirror `proxy.ProxyParams`."""
+
+    enabled: bool = _f(
+        False,
+        help="Proxy mode: the teacher answers only seed_pairs random pairs; a proxy trained on their "
+        "difficulty predicts it for every pair, sampling keeps pairs by prediction, and the teacher "
+        "answers the kept pairs only (stage kept_responses). Saves the answers sampling would discard.",
+    )
+    seed_pairs: int = _f(64, help="Proxy mode: pairs answered and scored to train the proxy on.")
+    backbone: Optional[str] = _f(
+        None, help="Proxy backbone: alias/path (e.g. all-minilm-l6-v2); null = the warmed-up student."
+    )
+    pooling: Literal["auto", "last", "mean"] = _f(
+        "auto", help="'last' token, 'mean' over tokens, or auto (last for decoders, mean for encoders)."
+    )
+    max_length: int = _f(1024, help="Tokens per (instruction, text) input; the instruction is shortened first.")
+    head: Literal["ridge", "linear", "mlp"] = _f(
+        "ridge", help="'ridge' (closed form, penalty by leave-one-out) or 'linear'/'mlp' trained with AdamW."
+    )
+    hidden_dim: int = _f(256, help="Hidden width of the 'mlp' head.")
+    train_backbone: bool = _f(False, help="Fine-tune the backbone with the head (slow on CPU); false = frozen.")
+    epochs: int = _f(100, help="Head training passes over cached features ('linear'/'mlp').")
+    lr: float = _f(1e-3, help="Head learning rate ('linear'/'mlp', and while fine-tuning).")
+    weight_decay: float = _f(0.01, help="AdamW weight decay of head and fine-tuned backbone.")
+    train_batch_size: int = _f(32, help="Rows per optimiser step of the head / fine-tuning.")
+    finetune_epochs: int = _f(1, help="Passes over the rows when train_backbone is true.")
+    backbone_lr: float = _f(2e-5, help="Backbone learning rate when train_backbone is true.")
+    eval_fraction: float = _f(0.2, help="Share of scored rows held out for Spearman / MAE, in (0, 0.5].")
+    split: Literal["rows", "groups"] = _f(
+        "rows", help="Hold out rows (new texts of known tasks, how the proxy is used) or whole tasks."
+    )
+    refit: bool = _f(True, help="After measuring, refit on all scored rows.")
+    target: str = _f("rank_score", help="Difficulty column the proxy learns to predict.")
+    batch_size: int = _f(32, help="Rows per forward pass when predicting.")
+    prefix_reuse: bool = _f(True, help="Decoder backbones: compute each instruction's shared prompt prefix once.")
+    concurrency: int = _f(1, help="Prediction actors.")
+    num_cpus: float = _f(1.0, help="CPUs per prediction actor.")
+    num_gpus: float = _f(0.0, help="GPUs per prediction actor.")
+
+
+@dataclass
+class FilteringConfig:
+    proxy: ProxyConfig = _f(help="The proxy difficulty model and proxy mode.", factory=ProxyConfig)
 
 
 @dataclass
@@ -299,8 +418,12 @@ class Config:
     tasks: TasksConfig = _f(help="Stage 3: tasks.", factory=TasksConfig)
     pairing: PairingConfig = _f(help="Stage 4: pairing.", factory=PairingConfig)
     responses: ResponsesConfig = _f(help="Stage 5: teacher responses.", factory=ResponsesConfig)
-    difficulty: DifficultyConfig = _f(help="Stage 6: difficulty scoring by the student.", factory=DifficultyConfig)
-    sampling: SamplingConfig = _f(help="Stage 7: difficulty-prioritised sampling.", factory=SamplingConfig)
+    train: TrainConfig = _f(help="Ray Train + DeepSpeed, shared by the training stages.", factory=TrainConfig)
+    warmup: WarmupConfig = _f(help="Stage 6: the student's brief warm-up fine-tuning.", factory=WarmupConfig)
+    difficulty: DifficultyConfig = _f(help="Stage 7: difficulty scoring by the warmed-up student.", factory=DifficultyConfig)
+    filtering: FilteringConfig = _f(help="Stage 8: the proxy difficulty model (proxy mode).", factory=FilteringConfig)
+    sampling: SamplingConfig = _f(help="Stage 9: difficulty-prioritised sampling.", factory=SamplingConfig)
+    finetune: FinetuneConfig = _f(help="Stage 11: the student fine-tuned on the kept samples.", factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +492,9 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; a float field takes it as the number it is.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value
@@ -437,6 +563,27 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         "responses.max_new_tokens",
         "difficulty.batch_size",
         "difficulty.concurrency",
+        "train.num_workers",
+        "train.cpus_per_worker",
+        "train.micro_batch_size",
+        "train.gradient_accumulation_steps",
+        "train.max_length",
+        "train.lr",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "warmup.num_samples",
+        "filtering.proxy.seed_pairs",
+        "filtering.proxy.max_length",
+        "filtering.proxy.hidden_dim",
+        "filtering.proxy.epochs",
+        "filtering.proxy.lr",
+        "filtering.proxy.train_batch_size",
+        "filtering.proxy.finetune_epochs",
+        "filtering.proxy.backbone_lr",
+        "filtering.proxy.batch_size",
+        "filtering.proxy.concurrency",
+        "warmup.epochs",
+        "finetune.epochs",
     ):
         positive(path, get_path(cfg, path))
     if not 0.0 < cfg.sampling.keep_ratio <= 1.0:
@@ -469,6 +616,33 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         errors.append(f"teacher.top_p: must be in (0, 1], got {cfg.teacher.top_p!r}")
     if cfg.teacher.num_cpus < 0 or cfg.teacher.num_gpus < 0:
         errors.append("teacher.num_cpus / teacher.num_gpus: must be >= 0")
+    if not 0 <= cfg.train.zero_stage <= 3:
+        errors.append(f"train.zero_stage: DeepSpeed ZeRO stages are 0, 1, 2 and 3, got {cfg.train.zero_stage!r}")
+    if cfg.train.offload_params and cfg.train.zero_stage != 3:
+        errors.append("train.offload_params: parameter offload needs train.zero_stage=3")
+    if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
+        errors.append("train.offload_optimizer: optimizer offload needs train.zero_stage 1, 2 or 3")
+    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        errors.append(f"train.betas: must be two numbers in [0, 1), got {cfg.train.betas!r}")
+    for path in ("train.weight_decay", "train.warmup_steps", "train.gradient_clipping", "train.max_failures"):
+        value = get_path(cfg, path)
+        if isinstance(value, (int, float)) and value < 0:
+            errors.append(f"{path}: must be >= 0, got {value!r}")
+    if cfg.train.torch_threads is not None and cfg.train.torch_threads < 1:
+        errors.append(f"train.torch_threads: must be >= 1 or null, got {cfg.train.torch_threads!r}")
+    if cfg.train.use_gpu and cfg.train.gpus_per_worker <= 0:
+        errors.append(f"train.gpus_per_worker: must be > 0 with train.use_gpu, got {cfg.train.gpus_per_worker!r}")
+    if not 0.0 < cfg.filtering.proxy.eval_fraction <= 0.5:
+        errors.append(f"filtering.proxy.eval_fraction: must be in (0, 0.5], got {cfg.filtering.proxy.eval_fraction!r}")
+    if cfg.filtering.proxy.weight_decay < 0:
+        errors.append(f"filtering.proxy.weight_decay: must be >= 0, got {cfg.filtering.proxy.weight_decay!r}")
+    if cfg.responses.file and cfg.filtering.proxy.enabled:
+        errors.append("filtering.proxy.enabled: proxy mode predicts difficulty for pairs the teacher has not "
+                      "answered yet; with responses.file every row is answered already: set one or the other")
+    for path in ("warmup.max_steps", "warmup.lr", "finetune.max_steps", "finetune.lr"):
+        value = get_path(cfg, path)
+        if value is not None:
+            positive(path, value)
     if not cfg.input.text_column:
         errors.append("input.text_column: must not be empty")
 

@@ -17,7 +17,7 @@ from importlib import resources
 from compeffdist_ray.config import BUILTIN_CORPUS, InputConfig
 from compeffdist_ray.errors import UserError
 
-__all__ = ["Corpus", "read_corpus", "resolve_input_path", "text_id_of"]
+__all__ = ["Corpus", "read_corpus", "read_records", "file_digest", "resolve_input_path", "text_id_of"]
 
 _EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -59,7 +59,7 @@ def resolve_input_path(path: str) -> str:
     return path
 
 
-def _open(path: str):
+def _open(path: str, key: str = "input.path"):
     """(filesystem, path) for a local path or a pyarrow URI; raises UserError if absent."""
     import pyarrow.fs as pafs
 
@@ -67,19 +67,19 @@ def _open(path: str):
         try:
             fs, inner = pafs.FileSystem.from_uri(path)
         except Exception as exc:
-            raise UserError(f"input.path {path!r} is not a readable URI: {exc}") from None
+            raise UserError(f"{key} {path!r} is not a readable URI: {exc}") from None
     else:
         inner = os.path.abspath(os.path.expanduser(path[len("file://") :] if path.startswith("file://") else path))
         fs = pafs.LocalFileSystem()
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:
-        raise UserError(f"input file not found: {path} (set input.path to an existing file)")
+        raise UserError(f"input file not found: {path} (set {key} to an existing file)")
     if info.type == pafs.FileType.Directory:
-        raise UserError(f"input.path {path} is a directory; give one file (jsonl, json, csv, parquet or txt)")
+        raise UserError(f"{key} {path} is a directory; give one file (jsonl, json, csv, parquet or txt)")
     return fs, inner
 
 
-def _detect(path: str, fmt: str) -> str:
+def _detect(path: str, fmt: str, key: str = "input.format") -> str:
     if fmt != "auto":
         return fmt
     name = path.lower()
@@ -90,7 +90,8 @@ def _detect(path: str, fmt: str) -> str:
     if ext not in _EXTENSIONS:
         raise UserError(
             f"cannot tell the format of {path} from its extension {ext or '(none)'}; "
-            "set input.format to one of jsonl, json, csv, parquet, text"
+            f"set {key} to one of jsonl, json, csv, parquet, text" if key == "input.format" else
+            f"give {key} a .jsonl, .json, .csv or .parquet name"
         )
     return _EXTENSIONS[ext]
 
@@ -147,6 +148,31 @@ def _read_records(fs, path: str, fmt: str, display: str):
             raise UserError(f"{display} line {lineno}: not valid JSON ({exc.msg})") from None
         records.append({"text": item} if isinstance(item, str) else item)
     return pd.DataFrame.from_records(records)
+
+
+def read_records(path: str, *, key: str, required: tuple[str, ...] = ()):
+    """A table file (jsonl, json, csv, parquet; local or URI) as a DataFrame, its required columns checked.
+
+    Errors name the config key that gave the path (`key`), the columns missing and those present.
+    """
+    fs, inner = _open(path, key)
+    df = _read_records(fs, inner, _detect(path, "auto", key), path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        have = ", ".join(map(str, df.columns[:20])) or "(none)"
+        raise UserError(f"{path} (from {key}) has no column {', '.join(repr(c) for c in missing)}; "
+                        f"it needs {', '.join(required)} and has: {have}")
+    return df
+
+
+def file_digest(path: str, key: str) -> str:
+    """sha256 of a file's bytes (local or URI): a fingerprint of input data named in the config."""
+    fs, inner = _open(path, key)
+    h = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_corpus(cfg: InputConfig) -> Corpus:

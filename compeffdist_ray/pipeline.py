@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from compeffdist_ray.artifacts import Manifest, RunDir, fingerprint
 from compeffdist_ray.config import Config, dump_config
 from compeffdist_ray.errors import UserError
-from compeffdist_ray.stages import STAGE_NAMES, get_stage, load_stage_module
+from compeffdist_ray.stages import active_stage_names, get_stage, load_stage_module
 from compeffdist_ray.stages._common import StageContext
 
 log = logging.getLogger("compeffdist_ray")
@@ -59,7 +59,7 @@ def _status(rd: RunDir, cfg: Config, name: str, done: dict[str, bool]) -> StageS
 
 def stage_statuses(rd: RunDir, cfg: Config) -> list[StageStatus]:
     out, done = [], {}
-    for name in STAGE_NAMES:
+    for name in active_stage_names(cfg):
         st = _status(rd, cfg, name, done)
         done[name] = st.state == "done"
         out.append(st)
@@ -107,6 +107,10 @@ def preflight(cfg: Config, names: list[str]) -> None:
         from compeffdist_ray.teacher import check_backend
 
         check_backend(cfg.teacher)
+    for name in names:  # a stage's own checks (e.g. the scorer's tokenizer)
+        check = getattr(load_stage_module(name), "preflight", None)
+        if check is not None:
+            check(cfg)
 
 
 def _execute(rd: RunDir, cfg: Config, st: StageStatus) -> Manifest:
@@ -116,7 +120,7 @@ def _execute(rd: RunDir, cfg: Config, st: StageStatus) -> Manifest:
         ensure_ray(cfg)
     log.info("%s: running (%s)", st.name, get_stage(st.name).summary)
     t0 = time.perf_counter()
-    out = mod.run(StageContext(cfg=cfg, run=rd, stage=st.name))
+    out = mod.run(StageContext(cfg=cfg, run=rd, stage=st.name, fingerprint=st.expected or ""))
     manifest = Manifest(
         stage=st.name,
         fingerprint=st.expected or "",
@@ -147,7 +151,7 @@ def run_pipeline(cfg: Config, *, force: bool = False) -> list[StageStatus]:
     preflight(cfg, todo)
     rd = _open_run(cfg)
     done: dict[str, bool] = {}
-    for name in STAGE_NAMES:
+    for name in active_stage_names(cfg):
         st = _status(rd, cfg, name, done)
         if st.state == "done" and not force:
             log.info("%s: already done (rows %d), skipped", name, st.manifest.rows if st.manifest else 0)
@@ -163,7 +167,10 @@ def run_pipeline(cfg: Config, *, force: bool = False) -> list[StageStatus]:
 
 def run_one_stage(cfg: Config, name: str, *, force: bool = False) -> StageStatus:
     """One stage; its inputs must be done already."""
-    get_stage(name)
+    spec = get_stage(name)
+    if name not in active_stage_names(cfg):
+        raise UserError(f"stage '{name}' runs in proxy mode only: add filtering.proxy.enabled=true"
+                        if spec.proxy_mode_only else f"stage '{name}' is not part of this run")
     rd = RunDir(cfg.run_dir)
     statuses = {s.name: s for s in stage_statuses(rd, cfg)}
     missing = [up for up in load_stage_module(name).inputs(cfg) if statuses[up].state != "done"]

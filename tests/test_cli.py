@@ -141,3 +141,54 @@ def test_import_is_light(module):
             "'sentence_transformers', 'deepspeed') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _answers(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ANSWERS = [{"instruction": "Label the sentiment: positive or negative.", "text": t, "response": r}
+           for t, r in (("Great value", "positive"), ("Broke in a day", "negative"), ("Love it", "positive"))]
+
+
+def test_responses_file_missing_a_column(tmp_path):
+    data = _answers(tmp_path / "answers.jsonl", [{k: v for k, v in r.items() if k != "response"} for r in ANSWERS])
+    proc = cli("run", "--run-dir", str(tmp_path / "r"), f"responses.file={data}")
+    assert_one_line_error(proc, "answers.jsonl (from responses.file) has no column 'response'",
+                          "it needs instruction, text, response and has: instruction, text")
+    assert not (tmp_path / "r" / "responses").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_keep_ratio_outside_0_1(tmp_path, value):
+    proc = cli("run", "--run-dir", str(tmp_path / "r"), f"sampling.keep_ratio={value}")
+    assert_one_line_error(proc, f"sampling.keep_ratio: must be in (0, 1], got {float(value)!r}")
+
+
+def test_student_tokenizer_without_eos_fails_before_any_work(tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from compeffdist_ray.models import resolve_model
+
+    broken = tmp_path / "no-eos"
+    shutil.copytree(resolve_model("tiny-random-llama"), broken)
+    tok = AutoTokenizer.from_pretrained(broken)
+    tok.eos_token = None
+    tok.save_pretrained(broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["eos_token_id"] = None
+    (broken / "config.json").write_text(json.dumps(cfg))
+    data = _answers(tmp_path / "answers.jsonl", ANSWERS)
+    proc = cli("run", "--run-dir", str(tmp_path / "r"), f"responses.file={data}", f"student.model={broken}")
+    assert_one_line_error(proc, f"student {broken}: its tokenizer has no EOS token", "set eos_token")
+    assert not (tmp_path / "r" / "responses").exists()
+
+
+def test_more_training_workers_than_the_cluster_has(tmp_path):
+    data = _answers(tmp_path / "answers.jsonl", ANSWERS)
+    proc = cli("run", "--config", str(CONFIGS / "tiny-test.yaml"), "--run-dir", str(tmp_path / "r"),
+               f"responses.file={data}", "train.num_workers=6", "train.cpus_per_worker=1", timeout=300)
+    assert_one_line_error(proc, "cannot place the training workers: 6 CPUs (6 workers x 1) but the cluster has 2")

@@ -13,7 +13,7 @@ from compeffdist_ray.config import Config, TeacherConfig
 # Keys that change how fast a teacher runs, never what it answers: left out of fingerprints so
 # that resizing a run does not redo finished stages.
 _RESOURCE_KEYS = {"batch_size", "concurrency", "num_cpus", "num_gpus", "max_concurrency", "timeout_s",
-                  "max_retries", "backoff_s", "accelerator_type", "gpu_memory_utilization"}
+                  "max_retries", "backoff_s", "accelerator_type", "gpu_memory_utilization", "prefix_reuse"}
 
 
 class StageFailed(Exception):
@@ -25,6 +25,7 @@ class StageContext:
     cfg: Config
     run: RunDir
     stage: str
+    fingerprint: str = ""  # of this stage's config view and inputs (names resumable work such as training)
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Stage 6, difficulty: the student scores every (instruction, text, response) row with one forward pass.
+"""Stage 7, difficulty: the warmed-up student scores every (instruction, text, response) row with one forward pass.
 
-Reads `responses/responses.parquet`. Scores on a Ray Data actor pool (one student load per
-actor; rows of one task are batched together so that their shared instruction prefix is
-computed once, see `compeffdist_ray.difficulty.score_batch`). Until the warm-up stage exists
-the scorer is `student.model` itself, not a warmed-up copy.
+Reads `responses/responses.parquet` and the warmed-up student `warmup/model/` (or
+`student.model` itself with `warmup.enabled=false`). Scores on a Ray Data actor pool (one
+student load per actor; rows of one task are batched together so that their shared
+instruction prefix is computed once, see `compeffdist_ray.difficulty.score_batch`).
 Writes `difficulty/difficulty.parquet` (the responses' columns plus rank_score,
 rank_score_all, nll, ppl, ifd, n_response_tokens) and one histogram per metric
 (`difficulty/hist_<metric>.png`); warns when a metric piles up at its bounds (the paper's
@@ -31,11 +31,54 @@ SATURATION_SHARE = 0.5
 
 
 def inputs(cfg) -> tuple[str, ...]:
-    return ("responses",)
+    return ("responses", "warmup")
 
 
 def config_view(cfg) -> dict:
     return {"seed": cfg.seed, "student": cfg.student.model, "difficulty": without_resources(asdict(cfg.difficulty))}
+
+
+def preflight(cfg) -> None:
+    """The student's tokenizer must have what the metrics need, checked before any work starts."""
+    from compeffdist_ray.models import resolve_model
+
+    check_tokenizer(resolve_model(cfg.student.model))
+
+
+def check_tokenizer(model_path: str) -> None:
+    """UserError naming the model when its tokenizer cannot serve the difficulty metrics.
+
+    The response is scored up to and including EOS, so the tokenizer needs an EOS token; IFD's
+    unconditioned pass starts from BOS (or EOS); every token id must index the model's vocabulary.
+    """
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from compeffdist_ray.errors import UserError
+
+    if not os.path.isdir(model_path):
+        return  # a hub id: checked when the actor loads it
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise UserError(f"student {model_path}: its tokenizer does not load ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}); the difficulty metrics need the model's tokenizer") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"student {model_path}: its tokenizer has no EOS token, which the difficulty metrics score "
+                        f"as the response's last token; set eos_token in tokenizer_config.json")
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        return
+    conf = conf.get("text_config", conf) if "vocab_size" not in conf else conf
+    vocab = conf.get("vocab_size")
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise UserError(f"student {model_path}: its tokenizer has {len(tok)} tokens but the model's vocabulary has "
+                        f"{vocab}; token ids past {vocab - 1} cannot be ranked; use the tokenizer the model was "
+                        f"trained with")
 
 
 class ScoreUDF:
@@ -122,14 +165,17 @@ def run(ctx: StageContext) -> StageOutput:
 
     import ray
 
+    from compeffdist_ray.stages.warmup import model_dir
+
     cfg, dc = ctx.cfg, ctx.cfg.difficulty
+    scorer = model_dir(ctx.run, cfg) or cfg.student.model
     responses = ctx.run.read_df("responses", "responses").sort_values(["task_id", "pair_id"], kind="stable")
     cols = ["pair_id", "task_id", "instruction", "text", "response"]
     num_blocks = max(1, math.ceil(len(responses) / dc.batch_size))
     ds = ray.data.from_pandas(responses[cols].reset_index(drop=True)).repartition(num_blocks)
     scores = ds.map_batches(
         ScoreUDF,
-        fn_constructor_kwargs=dict(model=cfg.student.model, dtype=dc.dtype, top_p=dc.top_p, prefix_reuse=dc.prefix_reuse,
+        fn_constructor_kwargs=dict(model=scorer, dtype=dc.dtype, top_p=dc.top_p, prefix_reuse=dc.prefix_reuse,
                                    num_gpus=dc.num_gpus, num_cpus=dc.num_cpus),
         batch_size=dc.batch_size,
         batch_format="pandas",
@@ -146,4 +192,4 @@ def run(ctx: StageContext) -> StageOutput:
         log.warning("difficulty: %s", w)
     files = histograms(out, lambda name, data: ctx.run.write_bytes(ctx.stage, name, data))
     return StageOutput(rows=len(out), stats={"metrics": stats, "warnings": warnings, "histograms": files,
-                                             "scorer": cfg.student.model})
+                                             "scorer": "warmup/model" if cfg.warmup.enabled else cfg.student.model})

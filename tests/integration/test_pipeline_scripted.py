@@ -35,7 +35,7 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     teacher, url = scripted_teacher(fail_first=2, garbage_every=5)
     cfg = _cfg(url, tmp_path / "run")
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 7
+    assert [s.state for s in statuses] == ["done"] * 9
     rd = RunDir(str(tmp_path / "run"))
     m = {s.name: s.manifest for s in statuses}
 
@@ -74,6 +74,17 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     for r in responses.merge(tasks, on="task_id", suffixes=("", "_task")).itertuples():
         assert r.instruction.startswith(r.instruction_task) and r.instruction.count("\nText: ") == len(r.demonstrations)
 
+    # the warm-up trained the student on a random subset; difficulty scored with that model
+    warm = m["warmup"]
+    samples = rd.read_df("warmup", "samples")
+    assert len(samples) == 16 and set(samples["pair_id"]) <= set(responses["pair_id"])
+    history = rd.read_df("warmup", "history")
+    assert list(history["step"]) == list(range(1, warm.stats["steps"] + 1)) and warm.stats["steps"] == 4
+    assert np.isfinite(history["loss"]).all() and warm.stats["train_tokens"] > 0
+    assert (tmp_path / "run" / "warmup" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "_train" / f"warmup-{warm.fingerprint[:12]}").exists()  # checkpoints removed
+    assert m["difficulty"].stats["scorer"] == "warmup/model"
+
     scored = rd.read_df("difficulty", "difficulty")
     assert sorted(scored["pair_id"]) == sorted(responses["pair_id"])
     for metric in ("rank_score", "rank_score_all", "nll", "ppl", "ifd"):
@@ -89,6 +100,14 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     assert set(kept["pair_id"]) <= set(scored["pair_id"]) and kept["pair_id"].is_unique
     report = m["sampling"].stats["report"]
     assert report["labels"]["before"]["counts"] == {"positive": len(scored)}
+
+    # the base student was fine-tuned on the kept rows and exported with a model card
+    ft = m["finetune"].stats
+    assert ft["samples"] == len(kept) and ft["steps"] == len(kept) // 4 and ft["source"] == "sampling"
+    card = (tmp_path / "run" / "finetune" / "model" / "README.md").read_text()
+    assert f"{len(kept):,} (kept of {len(scored)}" in card and "ZeRO-2" in card
+    assert len(rd.read_df("finetune", "history")) == ft["steps"]
+    assert (tmp_path / "run" / "finetune" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
     # token accounting adds up to what the server billed (failed 500s bill nothing)
     total_in = sum(x.tokens["input"] for x in m.values())
@@ -214,7 +233,7 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
     status = subprocess.run([sys.executable, "-m", "compeffdist_ray", "status", str(run_dir)], capture_output=True,
                             text=True, cwd=ROOT, timeout=120)
     assert status.returncode == 0
-    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:6]}
-    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:9]}
+    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:11]}
     assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing", "responses",
-                                                "difficulty", "sampling"))
+                                                "warmup", "difficulty", "sampling",
+                                                "finetune"))

@@ -1,4 +1,4 @@
-"""Stages 1-7 with the real SmolLM2-135M-Instruct teacher on local Ray (a few minutes on 2 cores)."""
+"""Stages 1-8 (attributes to sampling) with the real SmolLM2-135M-Instruct teacher on local Ray (a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import CONFIGS
 pytestmark = pytest.mark.integration
 
 
-def test_smollm2_stages_1_to_7(ray_session, tmp_path):
+def test_smollm2_stages_attributes_to_sampling(ray_session, tmp_path):
     from compeffdist_ray.artifacts import RunDir
     from compeffdist_ray.config import load_config
     from compeffdist_ray.pipeline import run_pipeline
@@ -19,7 +19,7 @@ def test_smollm2_stages_1_to_7(ray_session, tmp_path):
         "tasks.tasks_per_perspective=2", "tasks.num_demonstrations=2", "pairing.num_texts=30",
     ])
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 7
+    assert [s.state for s in statuses] == ["done"] * 9
     rd = RunDir(cfg.run_dir)
     m = {s.name: s.manifest for s in statuses}
     attrs = rd.read_df("attributes", "attribute_counts")
@@ -36,7 +36,23 @@ def test_smollm2_stages_1_to_7(ray_session, tmp_path):
     responses = rd.read_df("responses", "responses")
     assert len(responses) >= 20 and responses["response"].str.strip().str.len().gt(0).all()
     assert m["responses"].tokens["output"] == int(rd.read_df("responses", "generations")["output_tokens"].sum()) > 0
+    warm = m["warmup"].stats
+    assert warm["steps"] >= 1 and warm["loss_last"] > 0 and warm["samples"] == min(32, len(responses))
     scored = rd.read_df("difficulty", "difficulty")
     assert len(scored) == len(responses) and scored["rank_score"].between(0, 1).all()
     assert scored["nll"].gt(0).all() and scored["n_response_tokens"].ge(1).all()
     assert 0 < m["sampling"].rows < len(scored)
+
+    # the distilled student loads with transformers and answers a chat prompt
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = rd.path("finetune", "model")
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Is this review positive or negative? 'Loved it.'"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert m["finetune"].stats["loss_last"] > 0

@@ -332,3 +332,11 @@ def test_iter_help_type_names():
     assert types["teacher.batch_size"] == "int"
     assert types["tasks.max_perspectives"] == "int or null"
     assert "'transformers'" in types["teacher.backend"]
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    # YAML 1.1 reads `1e-4` as a string; float fields must still take it (from files and overrides)
+    cfg = load_config(None, ["train.lr=1e-4", "warmup.lr=3E-5"])
+    assert cfg.train.lr == 1e-4 and cfg.warmup.lr == 3e-5
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
