@@ -58,9 +58,7 @@ class RayConfig:
         None, help="Ray cluster address; null runs ray.init() on this machine (local mode)."
     )
     num_cpus: Optional[int] = _f(None, help="CPUs for a local Ray instance; null = all cores.")
-    include_dashboard: bool = _f(
-        True, help="Start the Ray dashboard in local mode (it also serves the state API Ray Train relies on)."
-    )
+    include_dashboard: bool = _f(False, help="Start the Ray dashboard in local mode.")
     progress_bars: bool = _f(True, help="Show Ray Data progress bars.")
 
 

@@ -443,7 +443,7 @@ def train_student(rows, spec: TrainSpec, out_dir: str) -> TrainResult:
     import pandas as pd
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from compeffdist_ray.sft import REQUIRED_COLUMNS, encode_rows, pack, training_steps
 
@@ -484,7 +484,7 @@ def train_student(rows, spec: TrainSpec, out_dir: str) -> TrainResult:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _worker_loop,
         train_loop_config={"spec": asdict(spec), "total_steps": total_steps, "micro_per_worker": micro_per_worker},
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
@@ -519,6 +519,26 @@ def train_student(rows, spec: TrainSpec, out_dir: str) -> TrainResult:
         resumed_from_step=int(meta["resumed_from_step"]), train_tokens=int(sum(h["tokens"] for h in history)),
         wall_time_s=round(time.perf_counter() - t0, 2), worker_nodes=list(meta.get("worker_nodes", [])),
     )
+
+
+def _trainer_class():
+    """TorchTrainer without Ray 2.60's PlacementGroupCleaner.
+
+    The cleaner asks the state API every second whether the train controller is alive and
+    removes the workers' placement group when the answer comes back empty, which a loaded
+    machine produces for a live controller: seen in CI, where it killed a healthy run mid-way
+    ("Detected that the Ray Train controller actor ... is dead"). It only guards against a
+    controller dying without cleanup; here the driver owns the run and `ray.shutdown` frees
+    its placement groups.
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
 
 
 def history_frame(history: list[dict]):

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     from compeffdist_ray.training import TrainSpec, train_student
 
     tmp = sys.argv[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")

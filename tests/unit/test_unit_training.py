@@ -154,3 +154,14 @@ def test_train_fingerprint_ignores_placement_but_not_the_recipe():
                                          "train.storage_path=/x"]).train) == base
     assert train_view(load_config(None, ["train.lr=1e-4"]).train) != base
     assert train_view(load_config(None, ["train.num_workers=2"]).train) != base  # global batch changes
+
+
+def test_trainer_drops_rays_placement_group_cleaner():
+    # Ray 2.60's cleaner removed a live run's placement group on a loaded machine (seen in CI)
+    from ray.train import ScalingConfig
+
+    from compeffdist_ray.training import _trainer_class
+
+    trainer = _trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    names = [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+    assert "PlacementGroupCleanerCallback" not in names and "BackendSetupCallback" in names
