@@ -28,7 +28,8 @@ def test_tiny_random_teacher_runs_until_tasks_then_stops_cleanly(ray_session, al
     rd = RunDir(cfg.run_dir)
     states = {s.name: s.state for s in stage_statuses(rd, cfg)}
     assert states == {"attributes": "done", "perspectives": "done", "tasks": "incomplete", "pairing": "waiting",
-                      "responses": "waiting", "difficulty": "waiting", "sampling": "waiting"}
+                      "responses": "waiting", "warmup": "waiting", "difficulty": "waiting", "sampling": "waiting",
+                      "finetune": "waiting"}
     attrs = rd.read_manifest("attributes")
     gens = rd.read_df("attributes", "generations")
     assert len(gens) == cfg.attributes.num_texts and gens["key"].is_unique
