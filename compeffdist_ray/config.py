@@ -147,6 +147,13 @@ class StudentConfig:
     model: str = _f(
         "smollm2-135m-instruct", help="Student model: alias, local path or Hugging Face id."
     )
+    prompt_format: Literal["auto", "chat", "plain"] = _f(
+        "auto",
+        help="How (instruction, text) -> response is laid out for the student: 'chat' = the tokenizer's chat "
+        "template (required); 'plain' = 'User: ...' / 'Assistant: ...' lines, for a model without a "
+        "template; 'auto' = the template if the tokenizer has one, else plain for a base model of a known "
+        "family (Llama, Mistral, Qwen, Gemma), else an error asking to choose.",
+    )
 
 
 @dataclass
@@ -248,6 +255,21 @@ class ResponsesConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (off by default: the paper fine-tunes every weight)."""
+
+    r: int = _f(0, help="LoRA rank; 0 = full fine-tuning. With r > 0 only the adapters train, and the "
+                "export merges them into the weights (a plain model, servable as is).")
+    alpha: float = _f(32.0, help="LoRA alpha: the adapters' update is scaled by alpha / r.")
+    dropout: float = _f(0.05, help="Dropout on the adapters' input during training.")
+    target_modules: str = _f(
+        "all-linear",
+        help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or "
+        "comma-separated module names, e.g. q_proj,v_proj.",
+    )
+
+
+@dataclass
 class TrainConfig:
     """Ray Train + DeepSpeed settings shared by every training stage (warmup, finetune)."""
 
@@ -287,6 +309,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass (less memory).")
     checkpoint_every: int = _f(50, help="Save a checkpoint every this many optimizer steps (and at the end).")
     keep_checkpoints: int = _f(2, help="Checkpoints kept (the latest ones).")
+    lora: LoraConfig = _f(help="LoRA adapters (peft) instead of full fine-tuning.", factory=LoraConfig)
 
 
 @dataclass
@@ -616,6 +639,12 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         errors.append("teacher.num_cpus / teacher.num_gpus: must be >= 0")
     if not 0 <= cfg.train.zero_stage <= 3:
         errors.append(f"train.zero_stage: DeepSpeed ZeRO stages are 0, 1, 2 and 3, got {cfg.train.zero_stage!r}")
+    if cfg.train.lora.r < 0:
+        errors.append(f"train.lora.r: the LoRA rank must be 0 (off) or positive, got {cfg.train.lora.r!r}")
+    if not 0.0 <= cfg.train.lora.dropout < 1.0:
+        errors.append(f"train.lora.dropout: must be in [0, 1), got {cfg.train.lora.dropout!r}")
+    if cfg.train.lora.r > 0 and not cfg.train.lora.target_modules.strip(", "):
+        errors.append("train.lora.target_modules: empty; use all-linear or module names such as q_proj,v_proj")
     if cfg.train.offload_params and cfg.train.zero_stage != 3:
         errors.append("train.offload_params: parameter offload needs train.zero_stage=3")
     if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:

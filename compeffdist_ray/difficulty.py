@@ -66,7 +66,8 @@ The two scorers
 ---------------
 :func:`score_reference` is the ground truth: one row at a time, full forward, full logits,
 one full-vocabulary sort per response token. :func:`score_batch` is the fast path and must
-agree with it (to float32 noise); see its docstring for the three speed-ups. Both reduce
+agree with it (to float32 noise); see its docstring for the three speed-ups, and
+``benchmarks/scoring_throughput.py`` for what they buy against the paper's way. Both reduce
 per-token values with the same :func:`summarize`, and the per-token rank rule has a sorting
 implementation (:func:`rank_scores_sorted`) and a sort-free one (:func:`rank_scores`) that give
 identical results on identical logits. The two scorers' logits themselves differ by float32
@@ -455,26 +456,212 @@ def _expand_cache(cache, batch: int):
     return fresh
 
 
+# --- packed forwards: rows end to end in one sequence, each attending to itself (and a prefix) ---
+
+_PACKED_ATTENTION = "compeffdist_packed"
+_PACKING_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Packed:
+    """One packed forward: the rows' tokens laid end to end (batch 1, no padding).
+
+    Each row attends causally to its own tokens and, if ``prefix`` is given (per layer the
+    shared prefix's keys and values, [1, KV, P, d]), to the whole prefix. ``index`` ([B, W], W
+    the longest row) and ``at`` lay the packed positions out as padded rows and back, for the
+    row-local part of the attention only; every matmul outside the attention runs on real tokens.
+    """
+
+    def __init__(self, lengths: Sequence[int], prefix, device):
+        import torch
+
+        self.prefix = prefix
+        self.width = max(lengths)
+        lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
+        starts = torch.cumsum(lengths_t, 0) - lengths_t
+        cols = torch.arange(self.width, device=device)
+        valid = cols[None, :] < lengths_t[:, None]
+        self.index = torch.where(valid, starts[:, None] + cols[None, :], 0)  # [B, W] -> packed position
+        self.at = valid.reshape(-1).nonzero().squeeze(1)  # packed position -> flat [B * W] position
+        self._mask = None
+
+    def allowed(self, plen: int, device):
+        """[W, P + W] bool: every prefix key, then causal over the row's own keys."""
+        if self._mask is None:
+            import torch
+
+            self._mask = torch.ones((self.width, plen + self.width), dtype=torch.bool, device=device).tril(plen)
+        return self._mask
+
+
+def _cpu_flash_attention(device):
+    """torch's CPU flash-attention op (it also returns the logsumexp), or None off CPU or if absent."""
+    import torch
+
+    if device.type != "cpu":
+        return None
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      packed: _Packed | None = None, **kwargs):
+    """An attention function (transformers' ``AttentionInterface``) for a :class:`_Packed` forward.
+
+    ``query`` [1, H, T, d], ``key``/``value`` [1, KV, T, d]: T packed tokens. Returns
+    [1, T, H, d] (contiguous), as transformers' own attention functions do. On CPU the row-local part is a
+    causal flash attention over the rows laid out padded (a real query never reaches a pad
+    key; pad queries are dropped), the prefix part one flash attention of *all* packed queries
+    against the prefix (the KV heads as heads, the queries of a head group as one long query:
+    the prefix is read, never copied per row), merged by their logsumexps. Elsewhere the prefix
+    is broadcast to the rows and concatenated before one masked attention.
+    """
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention
+
+    if packed is None or getattr(module, "layer_idx", None) is None:
+        raise RuntimeError("packed attention called without its layout (the model did not pass it through)")
+    heads, kv_heads, total, dim = query.shape[1], key.shape[1], query.shape[2], query.shape[3]
+    groups = heads // kv_heads
+    prefix = packed.prefix[module.layer_idx] if packed.prefix is not None else None
+
+    rows, width = packed.index.shape
+
+    def as_rows(x):  # [1, h, T, d] -> [B, h, W, d], gathering whole tokens ([T, h, d] is their memory order)
+        tokens = x[0].transpose(0, 1)
+        return tokens.index_select(0, packed.index.reshape(-1)).view(rows, width, *tokens.shape[1:]).transpose(1, 2)
+
+    def as_packed(x):  # [B, h, W, ...] -> [T, h, ...]
+        flat = x.transpose(1, 2).reshape(rows * width, *x.shape[1:2], *x.shape[3:])
+        return flat.index_select(0, packed.at)
+
+    q_rows, k_rows, v_rows = as_rows(query), as_rows(key), as_rows(value)
+    flash = _cpu_flash_attention(query.device)
+    if flash is None:
+        if prefix is None:
+            out = scaled_dot_product_attention(q_rows, k_rows, v_rows, is_causal=True, scale=scaling,
+                                               enable_gqa=groups > 1)
+        else:
+            rows = q_rows.shape[0]
+            keys = torch.cat([prefix[0].expand(rows, -1, -1, -1), k_rows], dim=2)
+            values = torch.cat([prefix[1].expand(rows, -1, -1, -1), v_rows], dim=2)
+            out = scaled_dot_product_attention(q_rows, keys, values, scale=scaling, enable_gqa=groups > 1,
+                                               attn_mask=packed.allowed(prefix[0].shape[2], query.device))
+        return as_packed(out).unsqueeze(0), None
+    if groups > 1:  # head h reads kv head h // groups (transformers' repeat_kv order)
+        k_rows = k_rows.repeat_interleave(groups, dim=1)
+        v_rows = v_rows.repeat_interleave(groups, dim=1)
+    out_rows, lse_rows = flash(q_rows, k_rows, v_rows, 0.0, True, scale=scaling)
+    out = as_packed(out_rows)  # [T, H, d]
+    if prefix is not None:
+        q_all = query[0].reshape(kv_heads, groups * total, dim).unsqueeze(0)
+        out_p, lse_p = flash(q_all, prefix[0], prefix[1], 0.0, False, scale=scaling)
+        out_p, lse_p = out_p.reshape(heads, total, dim).transpose(0, 1), lse_p.reshape(heads, total).t()
+        lse_s = as_packed(lse_rows)  # [T, H]
+        lse = torch.logaddexp(lse_p, lse_s)
+        out = out * torch.exp(lse_s - lse).unsqueeze(-1).to(out.dtype)
+        out += out_p * torch.exp(lse_p - lse).unsqueeze(-1).to(out.dtype)
+    return out.unsqueeze(0), None
+
+
+@contextmanager
+def _attention_implementation(model, name: str):
+    config = model.config
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def _packed_forward(model, decoder, seqs: Sequence[Sequence[int]], *, prefix=None, prefix_len: int = 0):
+    """The decoder over ``seqs`` packed end to end, each after the shared prefix if given:
+    last hidden states [T, hidden], T = the total length of ``seqs``."""
+    import torch
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_PACKED_ATTENTION, _packed_attention)
+    device = _device(model)
+    ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(len(s), device=device) for s in seqs])[None, :] + prefix_len
+    packed = _Packed([len(s) for s in seqs], prefix, device)
+    with _attention_implementation(model, _PACKED_ATTENTION):
+        return decoder(input_ids=ids, position_ids=positions, use_cache=False, packed=packed).last_hidden_state[0]
+
+
+def _prefix_layers(cache) -> list:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _packing_usable(model, decoder, probe_ids: Sequence[int]) -> bool:
+    """Once per model object: may rows be packed (see :func:`_packed_attention`)?
+
+    Needs full attention in every layer (a ``DynamicCache`` for the config holds only plain
+    ``DynamicLayer`` s: no sliding window, no chunks), no sub-configs, no attention soft-capping,
+    and a decoder that passes extra keyword arguments down to its attention. Then a probe
+    (rows of different lengths, with and without a cached prefix) must match padded forwards.
+    """
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    known = _PACKING_OK.get(model)
+    if known is not None:
+        return known
+    config = model.config
+    ok = (all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+          and not getattr(config, "sub_configs", None)
+          and getattr(config, "attn_logit_softcapping", None) is None
+          and config._attn_implementation in ("sdpa", "eager")
+          and len(probe_ids) >= 8)
+    if ok:
+        device = _device(model)
+        probe = list(probe_ids[:16])
+        plen = len(probe) - 5
+        rows = [probe[plen:], probe[plen:plen + 2]]
+        ids = torch.tensor([r + [r[-1]] * (5 - len(r)) for r in rows], dtype=torch.long, device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (5 - len(r)) for r in rows], dtype=torch.long, device=device)
+        cache = DynamicCache(config=config)
+        decoder(input_ids=torch.tensor([probe[:plen]], device=device), past_key_values=cache, use_cache=True)
+        want_prefix = decoder(input_ids=ids, past_key_values=_expand_cache(cache, 2), use_cache=True,
+                              attention_mask=torch.cat([torch.ones((2, plen), dtype=torch.long, device=device),
+                                                        mask], 1),
+                              position_ids=(plen + torch.arange(5, device=device))[None, :].expand(2, -1))
+        want_plain = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        want = [torch.cat([h[b, :len(r)] for b, r in enumerate(rows)]) for h in
+                (want_prefix.last_hidden_state, want_plain.last_hidden_state)]
+        try:
+            got = [_packed_forward(model, decoder, rows, prefix=_prefix_layers(cache), prefix_len=plen),
+                   _packed_forward(model, decoder, rows)]
+            ok = all(g.shape == w.shape and torch.allclose(g.float(), w.float(), atol=1e-4, rtol=1e-4)
+                     for g, w in zip(got, want))
+        except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
+            ok = False
+    _PACKING_OK[model] = ok
+    return ok
+
+
 def _batches(indices: Sequence[int], lengths: Mapping[int, int] | Sequence[int], *, bucketing: bool,
-             batch_size: int, max_batch_tokens: int | None, extra: int = 0) -> list[list[int]]:
+             batch_size: int, max_batch_tokens: int | None, extra: int = 0,
+             packed: bool = False) -> list[list[int]]:
     """Split ``indices`` into forward batches; with bucketing, longest first so each batch pads little.
 
-    A batch holds at most ``batch_size`` rows and at most ``max_batch_tokens`` padded tokens,
-    counting ``extra`` (the cached prefix) for every row; a single row may exceed the limit.
+    A batch holds at most ``batch_size`` rows and at most ``max_batch_tokens`` tokens: padded
+    ones, counting ``extra`` (the cached prefix) for every row, or, ``packed``, the rows' own
+    tokens. A single row may exceed the limit.
     """
     order = sorted(indices, key=lambda i: (-lengths[i], i)) if bucketing else list(indices)
     out: list[list[int]] = []
     batch: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in order:
         wider = max(longest, lengths[i])
-        full = len(batch) >= batch_size or (
-            max_batch_tokens is not None and (len(batch) + 1) * (wider + extra) > max_batch_tokens)
+        size = total + lengths[i] if packed else (len(batch) + 1) * (wider + extra)
+        full = len(batch) >= batch_size or (max_batch_tokens is not None and size > max_batch_tokens)
         if batch and full:
             out.append(batch)
-            batch, wider = [], lengths[i]
+            batch, wider, total = [], lengths[i], 0
         batch.append(i)
-        longest = wider
+        longest, total = wider, total + lengths[i]
     if batch:
         out.append(batch)
     return out
@@ -482,9 +669,14 @@ def _batches(indices: Sequence[int], lengths: Mapping[int, int] | Sequence[int],
 
 def _score_sequences(model, base, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
                      targets: Sequence[Sequence[int]], *, pad_id: int, top_p: float,
-                     response_only_projection: bool, prefix_cache=None, prefix_len: int = 0,
-                     want_ranks: bool = True, stats: dict) -> list[tuple[list[float], list[float]]]:
-    """One padded forward over ``seqs`` (each after ``prefix_len`` cached tokens, if any).
+                     response_only_projection: bool, packed: bool = False, prefix_cache=None,
+                     prefix_len: int = 0, want_ranks: bool = True,
+                     stats: dict) -> list[tuple[list[float], list[float]]]:
+    """One forward over ``seqs`` (each after ``prefix_len`` cached tokens, if any).
+
+    ``packed``: the rows run end to end without padding (:func:`_packed_forward`; needs
+    ``response_only_projection``), reading ``prefix_cache`` once. Otherwise the rows are
+    right-padded and ``prefix_cache`` is expanded to the batch.
 
     ``spans[b] = (start, count)``: positions start .. start+count-1 of row b predict its
     ``targets[b]``. Returns per row (rank scores, nlls) of its target tokens (rank scores
@@ -495,33 +687,48 @@ def _score_sequences(model, base, seqs: Sequence[Sequence[int]], spans: Sequence
     device = _device(model)
     width = max(len(s) for s in seqs)
     batch = len(seqs)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-    for b, s in enumerate(seqs):  # right padding: a real token never sees a pad (all pads come after it)
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-        mask[b, :len(s)] = 1
-    stats["padded_tokens"] = stats.get("padded_tokens", 0) + batch * width - sum(len(s) for s in seqs)
-    if prefix_cache is not None:
-        kwargs = {
-            "past_key_values": _expand_cache(prefix_cache, batch),
-            "use_cache": True,
-            "attention_mask": torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], 1),
-            "position_ids": (prefix_len + torch.arange(width, device=device))[None, :].expand(batch, -1),
-        }
-    else:
-        kwargs = {"attention_mask": mask, "use_cache": False}
-
-    rows_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, (_, n) in enumerate(spans)]).to(device)
-    pos_idx = torch.cat([torch.arange(start, start + n) for start, n in spans]).to(device)
+    real = sum(len(s) for s in seqs)
     tgt = torch.tensor([t for row in targets for t in row], dtype=torch.long, device=device)
-    if response_only_projection:
-        hidden = base(input_ids=ids, **kwargs).last_hidden_state
-        logits = _project(model, hidden[rows_idx, pos_idx])
-    else:
-        logits = model(input_ids=ids, **kwargs).logits[rows_idx, pos_idx]
+    stats["tokens_forwarded"] = stats.get("tokens_forwarded", 0) + real
     stats["forwards"] = stats.get("forwards", 0) + 1
-    stats["projected_positions"] = stats.get("projected_positions", 0) + (
-        int(tgt.numel()) if response_only_projection else batch * width)
+    if packed:
+        starts = [0]
+        for s in seqs[:-1]:
+            starts.append(starts[-1] + len(s))
+        at = torch.tensor([o + start + k for o, (start, n) in zip(starts, spans) for k in range(n)],
+                          dtype=torch.long, device=device)
+        prefix = _prefix_layers(prefix_cache) if prefix_cache is not None else None
+        hidden = _packed_forward(model, base, seqs, prefix=prefix, prefix_len=prefix_len)
+        logits = _project(model, hidden[at])
+        stats["packed_forwards"] = stats.get("packed_forwards", 0) + 1
+        stats["padded_tokens"] = stats.get("padded_tokens", 0)
+        stats["projected_positions"] = stats.get("projected_positions", 0) + int(tgt.numel())
+    else:
+        ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        for b, s in enumerate(seqs):  # right padding: a real token never sees a pad (all pads come after it)
+            ids[b, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+            mask[b, :len(s)] = 1
+        stats["padded_tokens"] = stats.get("padded_tokens", 0) + batch * width - real
+        if prefix_cache is not None:
+            kwargs = {
+                "past_key_values": _expand_cache(prefix_cache, batch),
+                "use_cache": True,
+                "attention_mask": torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask],
+                                            1),
+                "position_ids": (prefix_len + torch.arange(width, device=device))[None, :].expand(batch, -1),
+            }
+        else:
+            kwargs = {"attention_mask": mask, "use_cache": False}
+        rows_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, (_, n) in enumerate(spans)]).to(device)
+        pos_idx = torch.cat([torch.arange(start, start + n) for start, n in spans]).to(device)
+        if response_only_projection:
+            hidden = base(input_ids=ids, **kwargs).last_hidden_state
+            logits = _project(model, hidden[rows_idx, pos_idx])
+        else:
+            logits = model(input_ids=ids, **kwargs).logits[rows_idx, pos_idx]
+        stats["projected_positions"] = stats.get("projected_positions", 0) + (
+            int(tgt.numel()) if response_only_projection else batch * width)
 
     ranks = rank_scores(logits, tgt, top_p=top_p).tolist() if want_ranks else []
     nlls = token_nll(logits, tgt).tolist()
@@ -562,14 +769,13 @@ def _prefix_jobs(rows, encoded: Sequence[EncodedRow], *, prefix_reuse: bool,
 
 def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.95, batch_size: int = 16,
                 max_batch_tokens: int | None = 16384, bucketing: bool = True,
-                response_only_projection: bool = True, prefix_reuse: bool = True,
+                response_only_projection: bool = True, prefix_reuse: bool = True, packing: bool = True,
                 min_prefix_tokens: int = 16, stats: dict | None = None) -> list[dict]:
     """The fast scorer; returns the same list of metric dicts as :func:`score_reference`.
 
     - ``bucketing``: rows are sorted by length (longest first) before they are cut into batches
-      of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens; off, batches follow
-      the input order. Padding is on the right with an attention mask; pad positions are never
-      gathered, so they reach no metric (and, being after every real token, no real token).
+      of at most ``batch_size`` rows and ``max_batch_tokens`` tokens (padding included); off,
+      batches follow the input order.
     - ``response_only_projection``: the decoder runs to its last hidden states; only the
       positions that predict response tokens go through lm_head (and the family's final logit
       processing, e.g. Gemma's ``final_logit_softcapping``), checked once per model object
@@ -577,16 +783,27 @@ def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.9
     - ``prefix_reuse``: rows of one group (the ``group`` column, else the instruction) share
       the longest common prefix of their prompt *token ids*, capped one token short of the
       shortest prompt. That prefix runs once (batch 1) into a ``DynamicCache``; each batch of
-      the group gets a shallow copy whose keys/values are ``expand`` views to the batch size,
-      and runs only its suffixes, with ``position_ids`` continuing after the prefix and a mask
-      of ones over the prefix. Sliding-window layers (Gemma 3) keep their own cache layer and
-      offsets, so prefixes longer than the window stay exact. Groups of one row, or whose
-      shared prefix is shorter than ``min_prefix_tokens``, are batched without a cache.
+      the group then runs only its suffixes, with positions continuing after the prefix.
+      Groups of one row, or whose shared prefix is shorter than ``min_prefix_tokens``, are
+      batched without a cache.
+    - ``packing`` (with ``response_only_projection``, for models whose layers all use full
+      attention: Llama, Qwen, SmolLM, ...; checked once per model object by the cache's layer
+      types and a probe against padded forwards): a batch's rows run end to end as one
+      sequence, without padding, through a dedicated attention function
+      (:func:`_packed_attention`) in which each row sees only itself and the shared prefix.
+      The prefix's keys/values are read once per layer for all rows, never copied per row, so
+      it does not count against ``max_batch_tokens``. Otherwise (Gemma 3's sliding-window
+      layers, or ``packing=False``) rows are right-padded with an attention mask (pad positions
+      are never gathered and, being after every real token, reach no real token) and each batch
+      gets a shallow copy of the cache whose keys/values are ``expand`` views to the batch size;
+      sliding-window layers keep their own cache layer and offsets there, so prefixes longer
+      than the window stay exact.
 
     IFD's unconditioned pass (``[start] + response``) is batched the same way, without a cache.
     Results come back in the input order. ``stats``, if given, is filled with counters
-    (forwards, padded_tokens, projected_positions, prefix_groups, prefix_tokens_computed,
-    prefix_tokens_reused).
+    (forwards, packed_forwards, padded_tokens, projected_positions, tokens_forwarded: real
+    tokens run through the decoder, each shared prefix once; prefix_groups,
+    prefix_tokens_computed, prefix_tokens_reused).
     """
     import torch
 
@@ -609,6 +826,7 @@ def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.9
     with _eval_mode(model):
         if response_only_projection:
             _check_head_once(model, base, encoded[0].full_ids)
+        packed = bool(packing and base is not None and _packing_usable(model, base, encoded[0].full_ids))
         for prefix_len, idxs in _prefix_jobs(rows, encoded, prefix_reuse=prefix_reuse,
                                              min_prefix_tokens=min_prefix_tokens):
             cache = None
@@ -622,15 +840,18 @@ def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.9
                 decoder(input_ids=prefix, past_key_values=cache, use_cache=True)
                 stats["prefix_groups"] = stats.get("prefix_groups", 0) + 1
                 stats["prefix_tokens_computed"] = stats.get("prefix_tokens_computed", 0) + prefix_len
+                stats["tokens_forwarded"] = stats.get("tokens_forwarded", 0) + prefix_len
                 stats["prefix_tokens_reused"] = stats.get("prefix_tokens_reused", 0) + prefix_len * (len(idxs) - 1)
             suffix_len = {i: len(encoded[i].full_ids) - prefix_len for i in idxs}
+            # an expanded cache holds the prefix once per row; a packed forward reads it once
             for batch in _batches(idxs, suffix_len, bucketing=bucketing, batch_size=batch_size,
-                                  max_batch_tokens=max_batch_tokens, extra=prefix_len):
+                                  max_batch_tokens=max_batch_tokens, extra=0 if packed else prefix_len,
+                                  packed=packed):
                 seqs = [encoded[i].full_ids[prefix_len:] for i in batch]
                 spans = [(len(encoded[i].prompt_ids) - prefix_len - 1, len(encoded[i].response_ids)) for i in batch]
                 results = _score_sequences(model, base, seqs, spans, [encoded[i].response_ids for i in batch],
                                            pad_id=pad_id, top_p=top_p,
-                                           response_only_projection=response_only_projection,
+                                           response_only_projection=response_only_projection, packed=packed,
                                            prefix_cache=cache, prefix_len=prefix_len, stats=stats)
                 for i, res in zip(batch, results):
                     cond[i] = res
@@ -639,11 +860,11 @@ def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.9
         alone = [unconditioned_ids(tokenizer, enc.response_ids) for enc in encoded]
         lengths = [len(a) for a in alone]
         for batch in _batches(range(len(rows)), lengths, bucketing=bucketing, batch_size=batch_size,
-                              max_batch_tokens=max_batch_tokens):
+                              max_batch_tokens=max_batch_tokens, packed=packed):
             spans = [(0, len(encoded[i].response_ids)) for i in batch]
             results = _score_sequences(model, base, [alone[i] for i in batch], spans,
                                        [encoded[i].response_ids for i in batch], pad_id=pad_id, top_p=top_p,
-                                       response_only_projection=response_only_projection,
+                                       response_only_projection=response_only_projection, packed=packed,
                                        want_ranks=False, stats=stats)
             for i, res in zip(batch, results):
                 uncond[i] = res

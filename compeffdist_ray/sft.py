@@ -18,8 +18,31 @@ from typing import Mapping, Sequence
 IGNORE_INDEX = -100
 REQUIRED_COLUMNS = ("instruction", "text", "response")
 
-__all__ = ["IGNORE_INDEX", "REQUIRED_COLUMNS", "encode_example", "encode_rows", "collate", "pack",
-           "pad_id_of", "training_steps"]
+__all__ = ["IGNORE_INDEX", "REQUIRED_COLUMNS", "KNOWN_FAMILIES", "check_prompt_format", "encode_example",
+           "encode_rows", "collate", "pack", "pad_id_of", "training_steps"]
+
+# Families whose base checkpoints commonly ship without a chat template and train well on the
+# plain "User: ... / Assistant: ..." layout (config.json's model_type).
+KNOWN_FAMILIES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                            "gemma2", "gemma3", "gemma3_text"})
+
+
+def check_prompt_format(name: str, has_template: bool, model_type: str | None, setting: str) -> str:
+    """The layout the student gets ("chat" or "plain") under ``student.prompt_format``, or a
+    UserError naming the model and the fix when the setting and the tokenizer disagree."""
+    from compeffdist_ray.errors import UserError
+
+    if setting == "chat" and not has_template:
+        raise UserError(f"student {name}: student.prompt_format=chat but its tokenizer has no chat template; "
+                        f"add chat_template to tokenizer_config.json or set student.prompt_format=plain")
+    if setting == "plain" and has_template:
+        raise UserError(f"student {name}: its tokenizer has a chat template, which it was tuned on; "
+                        f"student.prompt_format=plain is for models without one: use auto or chat")
+    if setting == "auto" and not has_template and model_type not in KNOWN_FAMILIES:
+        raise UserError(f"student {name}: no chat template and an unknown family (model_type {model_type!r}); "
+                        f"set student.prompt_format=plain to train and score it on 'User:'/'Assistant:' "
+                        f"lines, or give its tokenizer a chat_template")
+    return "chat" if has_template else "plain"
 
 
 def pad_id_of(tokenizer) -> int:

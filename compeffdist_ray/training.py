@@ -1,11 +1,13 @@
 """Student training on Ray Train with DeepSpeed: the one trainer of the warmup and finetune stages.
 
-`train_student(rows, spec)` streams the rows from Ray Data into `TorchTrainer` workers
-(dataset shards), where each worker tokenizes its shard with the student's chat template
-(loss on the response only, `compeffdist_ray.sft`), runs a DeepSpeed engine (ZeRO 0-3,
-optional CPU offload; bf16 on GPU, fp32 on CPU through DeepSpeed's CPU accelerator and gloo),
-and reports a checkpoint every `checkpoint_every` optimizer steps. The final report carries
-the exported model in Hugging Face format (safetensors, config, tokenizer, generation config).
+`train_student(rows, spec)` tokenizes the rows on the driver with the student's chat template
+(loss on the response only, `compeffdist_ray.sft`), optionally packs them, and streams them from
+Ray Data into `TorchTrainer` workers (dataset shards). Each worker runs a DeepSpeed engine (ZeRO
+0-3, optional CPU offload; bf16 on GPU, fp32 on CPU through DeepSpeed's CPU accelerator and
+gloo), optionally with LoRA adapters (peft; only the adapters train and are checkpointed, and
+the export merges them), and reports a checkpoint every `checkpoint_every` optimizer steps.
+The final report carries the exported model in Hugging Face format (safetensors, config,
+tokenizer, generation config).
 
 Resume: checkpoints live under `<storage_path>/<name>`; a run started again with the same
 name (the caller derives it from the stage's fingerprint) continues from the latest one at
@@ -33,6 +35,7 @@ from compeffdist_ray.errors import UserError
 log = logging.getLogger("compeffdist_ray")
 
 __all__ = ["TrainSpec", "TrainResult", "train_student", "deepspeed_config", "lr_lambda", "check_resources",
+           "lora_config", "with_lora",
            "spec_from_config", "train_view", "remove_run_storage", "history_frame"]
 
 EXPORT_MARKER = "compeffdist_export.json"
@@ -73,6 +76,10 @@ class TrainSpec:
     max_steps: int | None = None
     seed: int = 42
     packing: bool = False
+    lora_r: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
     model_card: dict = field(default_factory=dict)
 
     def resolved_precision(self) -> str:
@@ -113,7 +120,8 @@ def spec_from_config(cfg, *, model_path: str, name: str, epochs: int = 1, max_st
         betas=(float(tc.betas[0]), float(tc.betas[1])), warmup_steps=tc.warmup_steps, lr_schedule=tc.lr_schedule,
         gradient_clipping=tc.gradient_clipping, gradient_checkpointing=tc.gradient_checkpointing,
         checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints, epochs=epochs,
-        max_steps=max_steps, seed=cfg.seed, model_card=dict(model_card or {}),
+        max_steps=max_steps, seed=cfg.seed, lora_r=tc.lora.r, lora_alpha=tc.lora.alpha,
+        lora_dropout=tc.lora.dropout, lora_target_modules=tc.lora.target_modules, model_card=dict(model_card or {}),
     )
 
 
@@ -181,6 +189,32 @@ def deepspeed_config(spec: TrainSpec, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     return cfg
+
+
+def lora_config(spec: TrainSpec):
+    """The peft ``LoraConfig`` of a spec, or None for full fine-tuning."""
+    if spec.lora_r <= 0:
+        return None
+    from peft import LoraConfig
+
+    names = spec.lora_target_modules.strip()
+    targets = names if names == "all-linear" else [m.strip() for m in names.split(",") if m.strip()]
+    return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def with_lora(model, spec: TrainSpec):
+    """``model`` with LoRA adapters (base weights frozen) if the spec asks for them, else as is."""
+    config = lora_config(spec)
+    if config is None:
+        return model
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise UserError(f"train.lora.target_modules={spec.lora_target_modules!r}: {str(exc).splitlines()[0]}; "
+                        f"use all-linear or names of the model's linear layers") from None
 
 
 def effective_warmup(spec: TrainSpec, total_steps: int) -> int:
@@ -296,6 +330,9 @@ def _worker_loop(config: dict) -> None:
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        if spec.lora_r > 0:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    model = with_lora(model, spec)
     pad_id = pad_id_of(tokenizer)
 
     engine, _, _, scheduler = deepspeed.initialize(
@@ -319,7 +356,8 @@ def _worker_loop(config: dict) -> None:
                 # The run had finished and exported; report the export again (a retried driver).
                 _report_export(d, rank)
                 return
-            _, client = engine.load_checkpoint(d, tag=DS_TAG)
+            # With LoRA only the adapters were saved: the frozen base weights are already loaded.
+            _, client = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=spec.lora_r <= 0)
             start_step, history = int(client["step"]), list(client["history"])
         if rank == 0:
             print(f"[compeffdist] resumed from step {start_step} of {total_steps}", flush=True)
@@ -365,7 +403,8 @@ def _worker_loop(config: dict) -> None:
         # Metrics go to Ray Train with the checkpoints only: every report is a sync point.
         if step % spec.checkpoint_every == 0 and step < total_steps:
             with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step, "history": history})
+                engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step, "history": history},
+                                       exclude_frozen_parameters=spec.lora_r > 0)
                 if world > 1:
                     dist.barrier()
                 ray.train.report(dict(entry), checkpoint=Checkpoint.from_directory(tmp))
@@ -402,6 +441,9 @@ def _export(engine, tokenizer, spec: TrainSpec, rank: int, world: int, history: 
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             model = engine.module
+            if spec.lora_r > 0:
+                model = _merged_lora(spec, state)
+                state = None
             model.config.use_cache = True
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -415,6 +457,23 @@ def _export(engine, tokenizer, spec: TrainSpec, rank: int, world: int, history: 
             dist.barrier()
         last = dict(history[-1]) if history else {"step": step}
         ray.train.report(last, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def _merged_lora(spec: TrainSpec, state: dict):
+    """A plain model: the base weights with the trained adapters (``state``, the engine's peft
+    state dict, gathered under ZeRO-3) merged in. Built fresh on CPU, so that no ZeRO partitioning
+    or engine wrapper gets in the way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else torch.float32
+    fresh = with_lora(AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype), spec)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    lora_missing = [k for k in missing if "lora_" in k]
+    if lora_missing or unexpected:
+        raise RuntimeError(f"LoRA export: trained state does not match the adapters (missing {lora_missing[:3]}, "
+                           f"unexpected {list(unexpected)[:3]})")
+    return fresh.merge_and_unload()
 
 
 def _report_export(directory: str, rank: int) -> None:
@@ -481,6 +540,9 @@ def train_student(rows, spec: TrainSpec, out_dir: str) -> TrainResult:
     exec_opts = ExecutionOptions(preserve_order=True)
     env = {"DS_ACCELERATOR": "cpu"} if not spec.use_gpu else {}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    for key in ("COMPEFFDIST_FAIL_AT_STEP", "COMPEFFDIST_FAIL_MARKER"):  # fault injection (tests only)
+        if key in os.environ:
+            env[key] = os.environ[key]
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker

@@ -192,3 +192,33 @@ def test_more_training_workers_than_the_cluster_has(tmp_path):
     proc = cli("run", "--config", str(CONFIGS / "tiny-test.yaml"), "--run-dir", str(tmp_path / "r"),
                f"responses.file={data}", "train.num_workers=6", "train.cpus_per_worker=1", timeout=300)
     assert_one_line_error(proc, "cannot place the training workers: 6 CPUs (6 workers x 1) but the cluster has 2")
+
+
+def test_student_of_an_unknown_family_without_a_chat_template(tmp_path):
+    import shutil
+
+    from compeffdist_ray.models import resolve_model
+
+    odd = tmp_path / "odd-base"
+    shutil.copytree(resolve_model("tiny-random-llama"), odd)
+    (odd / "chat_template.jinja").unlink()
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["model_type"] = "phi3"  # a family transformers knows and this project does not
+    (odd / "config.json").write_text(json.dumps(cfg))
+    data = _answers(tmp_path / "answers.jsonl", ANSWERS)
+    proc = cli("run", "--run-dir", str(tmp_path / "r"), f"responses.file={data}", f"student.model={odd}")
+    assert_one_line_error(proc, f"student {odd}: no chat template and an unknown family (model_type 'phi3')",
+                          "set student.prompt_format=plain")
+    assert not (tmp_path / "r" / "responses").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=4", "train.zero_stage: DeepSpeed ZeRO stages are 0, 1, 2 and 3, got 4"),
+    ("train.zero_stage=-1", "train.zero_stage: DeepSpeed ZeRO stages are 0, 1, 2 and 3, got -1"),
+    ("train.lora.r=-2", "train.lora.r: the LoRA rank must be 0 (off) or positive, got -2"),
+    ("train.lora.dropout=1.5", "train.lora.dropout: must be in [0, 1), got 1.5"),
+])
+def test_bad_training_settings(tmp_path, override, message):
+    proc = cli("run", "--run-dir", str(tmp_path / "r"), override)
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

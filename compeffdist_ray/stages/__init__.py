@@ -27,7 +27,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("perspectives", "compeffdist_ray.stages.perspectives", "attributes embedded and clustered into perspectives"),
     StageSpec("tasks", "compeffdist_ray.stages.tasks", "the teacher invents tasks with demonstrations per perspective"),
     StageSpec("pairing", "compeffdist_ray.stages.pairing", "task instructions paired with user texts"),
-    StageSpec("responses", "compeffdist_ray.stages.responses", "the teacher answers every (instruction, text) pair"),
+    StageSpec("responses", "compeffdist_ray.stages.responses", "the teacher answers every (instruction, text) pair; in proxy mode, "
+              "only the seed pairs"),
     StageSpec("warmup", "compeffdist_ray.stages.warmup", "the student is fine-tuned briefly on a random subset"),
     StageSpec("difficulty", "compeffdist_ray.stages.difficulty", "the warmed-up student scores how hard each answered pair is"),
     StageSpec("proxy", "compeffdist_ray.stages.proxy", "a proxy predicts difficulty from (instruction, text) for every pair",

@@ -42,14 +42,16 @@ def preflight(cfg) -> None:
     """The student's tokenizer must have what the metrics need, checked before any work starts."""
     from compeffdist_ray.models import resolve_model
 
-    check_tokenizer(resolve_model(cfg.student.model))
+    check_tokenizer(resolve_model(cfg.student.model), cfg.student.prompt_format)
 
 
-def check_tokenizer(model_path: str) -> None:
-    """UserError naming the model when its tokenizer cannot serve the difficulty metrics.
+def check_tokenizer(model_path: str, prompt_format: str = "auto") -> None:
+    """UserError naming the model when its tokenizer cannot serve the student's training and metrics.
 
-    The response is scored up to and including EOS, so the tokenizer needs an EOS token; IFD's
-    unconditioned pass starts from BOS (or EOS); every token id must index the model's vocabulary.
+    The response is trained on and scored up to and including EOS, so the tokenizer needs an EOS
+    token; IFD's unconditioned pass starts from BOS (or EOS); every token id must index the
+    model's vocabulary; the prompt layout must agree with ``student.prompt_format``
+    (:func:`compeffdist_ray.sft.check_prompt_format`). The warmup and finetune stages run it too.
     """
     import json
     import os
@@ -73,6 +75,9 @@ def check_tokenizer(model_path: str) -> None:
             conf = json.load(f)
     except (OSError, ValueError):
         return
+    from compeffdist_ray.sft import check_prompt_format
+
+    check_prompt_format(model_path, bool(getattr(tok, "chat_template", None)), conf.get("model_type"), prompt_format)
     conf = conf.get("text_config", conf) if "vocab_size" not in conf else conf
     vocab = conf.get("vocab_size")
     if isinstance(vocab, int) and len(tok) > vocab:

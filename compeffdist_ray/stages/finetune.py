@@ -49,9 +49,19 @@ def config_view(cfg) -> dict:
 
 def preflight(cfg) -> None:
     if cfg.finetune.enabled:
+        from compeffdist_ray.models import resolve_model
+        from compeffdist_ray.stages.difficulty import check_tokenizer
         from compeffdist_ray.training import preflight_resources
 
         preflight_resources(cfg)
+        check_tokenizer(resolve_model(cfg.student.model), cfg.student.prompt_format)
+
+
+def _trained_weights(lora) -> str:
+    if lora.r <= 0:
+        return "all (full fine-tuning)"
+    return (f"LoRA adapters (r {lora.r}, alpha {lora.alpha:g}, on {lora.target_modules}), merged into the "
+            f"weights of this export")
 
 
 def model_card(cfg, *, rows: int, result, run_stats: dict) -> str:
@@ -83,6 +93,7 @@ def model_card(cfg, *, rows: int, result, run_stats: dict) -> str:
         f"| batch | {cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} accumulation x "
         f"{cfg.train.num_workers} workers |",
         f"| DeepSpeed | ZeRO-{cfg.train.zero_stage}, {'bf16' if cfg.train.use_gpu else 'fp32'} |",
+        f"| weights trained | {_trained_weights(cfg.train.lora)} |",
         f"| training loss | {losses[0]:.4f} (first step) -> {losses[-1]:.4f} (last step) |" if losses else "",
         f"| training tokens | {result.train_tokens:,} |",
         "",

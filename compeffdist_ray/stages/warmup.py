@@ -45,9 +45,12 @@ def config_view(cfg) -> dict:
 
 def preflight(cfg) -> None:
     if cfg.warmup.enabled:
+        from compeffdist_ray.models import resolve_model
+        from compeffdist_ray.stages.difficulty import check_tokenizer
         from compeffdist_ray.training import preflight_resources
 
         preflight_resources(cfg)
+        check_tokenizer(resolve_model(cfg.student.model), cfg.student.prompt_format)
 
 
 def choose_samples(responses, num_samples: int, seed: int):

@@ -112,13 +112,34 @@ def test_batched_path_matches_the_reference(family):
     assert stats["prefix_tokens_reused"] > stats["prefix_tokens_computed"] > 0
     # and only response positions went through lm_head
     assert stats["projected_positions"] == 2 * sum(r["n_response_tokens"] for r in ref)
+    # full-attention families run packed (no padding); Gemma 3's sliding layers pad and expand the cache
+    packed = family[0] != "tiny-random-gemma3"
+    assert stats.get("packed_forwards", 0) == (stats["forwards"] if packed else 0)
+    assert (stats["padded_tokens"] == 0) == packed
+    # each prefix once, every suffix, every [start] + response row; no pads
+    encoded = [encode_row(tokenizer, row) for row in ROWS]
+    assert stats["tokens_forwarded"] == (
+        sum(len(e.full_ids) for e in encoded) - stats["prefix_tokens_reused"]
+        + sum(len(e.response_ids) + 1 for e in encoded))
+
+
+def test_packed_attention_off_cpu_path_gives_the_same_numbers(family, monkeypatch):
+    # Off CPU (or without torch's CPU flash op) the packed attention pads rows and concatenates the prefix.
+    import compeffdist_ray.difficulty as difficulty
+
+    _, model, tokenizer, ref = family
+    monkeypatch.setattr(difficulty, "_cpu_flash_attention", lambda device: None)
+    assert_same(ref, score_batch(model, tokenizer, ROWS, **FAST))
 
 
 @pytest.mark.parametrize("bucketing", [True, False])
 @pytest.mark.parametrize("prefix_reuse", [True, False])
-def test_bucketing_and_prefix_reuse_on_or_off_give_the_same_numbers(family, bucketing, prefix_reuse):
+@pytest.mark.parametrize("packing", [True, False])
+def test_bucketing_prefix_reuse_and_packing_on_or_off_give_the_same_numbers(family, bucketing, prefix_reuse,
+                                                                            packing):
     _, model, tokenizer, ref = family
-    assert_same(ref, score_batch(model, tokenizer, ROWS, bucketing=bucketing, prefix_reuse=prefix_reuse, **FAST))
+    assert_same(ref, score_batch(model, tokenizer, ROWS, bucketing=bucketing, prefix_reuse=prefix_reuse,
+                                 packing=packing, **FAST))
 
 
 def test_full_vocabulary_logits_give_the_same_numbers(family):
@@ -129,20 +150,24 @@ def test_full_vocabulary_logits_give_the_same_numbers(family):
     assert stats["projected_positions"] > 2 * sum(r["n_response_tokens"] for r in ref)
 
 
-def test_padding_does_not_leak(family):
+def test_padding_and_packing_do_not_leak(family):
     _, model, tokenizer, _ = family
     short = [ROWS[4], ROWS[8]]  # same instruction: one cached prefix, one suffix batch
     long_same_group = dict(ROWS[4], text="A very long text about the keyboard, the screen and the battery " * 2,
                            response="4, because the writer lists many annoyances one after another")
     long_other = dict(ROWS[7], text=long_same_group["text"])
-    for prefix_reuse, extra in ((True, long_same_group), (False, long_other)):
-        opts = {"batch_size": 8, "min_prefix_tokens": 4, "prefix_reuse": prefix_reuse}
-        alone_stats, with_stats = {}, {}
-        alone = score_batch(model, tokenizer, short, stats=alone_stats, **opts)
-        together = score_batch(model, tokenizer, short + [extra], stats=with_stats, **opts)
-        assert with_stats["forwards"] == alone_stats["forwards"]  # the long row shared the short rows' batches
-        assert with_stats["padded_tokens"] > alone_stats["padded_tokens"] + 20
-        assert_same(alone, together[:2], atol=1e-6)
+    for packing in (False, True):
+        for prefix_reuse, extra in ((True, long_same_group), (False, long_other)):
+            opts = {"batch_size": 8, "min_prefix_tokens": 4, "prefix_reuse": prefix_reuse, "packing": packing}
+            alone_stats, with_stats = {}, {}
+            alone = score_batch(model, tokenizer, short, stats=alone_stats, **opts)
+            together = score_batch(model, tokenizer, short + [extra], stats=with_stats, **opts)
+            assert with_stats["forwards"] == alone_stats["forwards"]  # the long row shared the short rows' batches
+            if packing and with_stats.get("packed_forwards"):  # end to end: no pads, rows still apart
+                assert with_stats["padded_tokens"] == 0
+            else:
+                assert with_stats["padded_tokens"] > alone_stats["padded_tokens"] + 20
+            assert_same(alone, together[:2], atol=1e-6)
 
 
 def test_group_key_overrides_the_instruction_and_the_prefix_comes_from_token_ids(family):

@@ -165,3 +165,56 @@ def test_trainer_drops_rays_placement_group_cleaner():
     trainer = _trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
     names = [type(cb).__name__ for cb in trainer._create_default_callbacks()]
     assert "PlacementGroupCleanerCallback" not in names and "BackendSetupCallback" in names
+
+
+@pytest.mark.parametrize("has_template, model_type, setting, layout", [
+    (True, "llama", "auto", "chat"),
+    (True, "mystery", "chat", "chat"),
+    (False, "qwen3", "auto", "plain"),  # a base model of a known family
+    (False, "mystery", "plain", "plain"),  # the user said so
+])
+def test_prompt_format_resolves(has_template, model_type, setting, layout):
+    from compeffdist_ray.sft import check_prompt_format
+
+    assert check_prompt_format("m", has_template, model_type, setting) == layout
+
+
+@pytest.mark.parametrize("has_template, model_type, setting, message", [
+    (False, "mystery", "auto", "no chat template and an unknown family (model_type 'mystery'); set "
+                               "student.prompt_format=plain"),
+    (False, "llama", "chat", "student.prompt_format=chat but its tokenizer has no chat template"),
+    (True, "llama", "plain", "its tokenizer has a chat template"),
+])
+def test_prompt_format_mismatch_names_the_fix(has_template, model_type, setting, message):
+    from compeffdist_ray.sft import check_prompt_format
+
+    with pytest.raises(UserError, match=r"^student models/x: ") as err:
+        check_prompt_format("models/x", has_template, model_type, setting)
+    assert message in str(err.value)
+
+
+def test_lora_config_from_the_spec():
+    from compeffdist_ray.training import lora_config
+
+    assert lora_config(TrainSpec(model_path="m", storage_path="/s", name="n")) is None  # full fine-tuning
+    cfg = lora_config(TrainSpec(model_path="m", storage_path="/s", name="n", lora_r=8, lora_alpha=16,
+                                lora_dropout=0.0, lora_target_modules="q_proj, v_proj"))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.0)
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"}
+    assert lora_config(TrainSpec(model_path="m", storage_path="/s", name="n", lora_r=4)).target_modules == "all-linear"
+
+
+def test_lora_on_a_real_tiny_model_trains_only_the_adapters_and_bad_targets_are_named():
+    from transformers import AutoModelForCausalLM
+
+    from compeffdist_ray.models import resolve_model
+    from compeffdist_ray.training import with_lora
+
+    spec = TrainSpec(model_path=resolve_model("tiny-random-qwen3"), storage_path="/s", name="n", lora_r=4)
+    model = with_lora(AutoModelForCausalLM.from_pretrained(spec.model_path), spec)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("mlp" in n for n in trainable) and not any("lm_head" in n for n in trainable)  # all-linear
+    bad = TrainSpec(model_path=spec.model_path, storage_path="/s", name="n", lora_r=4, lora_target_modules="qkv")
+    with pytest.raises(UserError, match=r"train.lora.target_modules='qkv': .*use all-linear"):
+        with_lora(AutoModelForCausalLM.from_pretrained(spec.model_path), bad)
