@@ -160,10 +160,11 @@ def test_gemma3_zero3_two_workers_exports_the_gathered_weights(ray_session, tmp_
 
     base_path = resolve_model("tiny-random-gemma3")
     spec = TrainSpec(model_path=base_path, storage_path=str(tmp_path / "ckpt"), name="zero3", num_workers=2,
-                     cpus_per_worker=0.5, zero_stage=3, micro_batch_size=4, lr=1e-3, warmup_steps=1,
-                     checkpoint_every=3)
+                     cpus_per_worker=0.5, zero_stage=3, micro_batch_size=2, gradient_accumulation_steps=2,
+                     lr=1e-3, warmup_steps=1, checkpoint_every=3)
     result = train_student(_rows(), spec, str(tmp_path / "model"))
     losses = [h["loss"] for h in result.history]
+    # 48 rows / (2 workers x 2 per micro-batch x 2 accumulated): 6 optimizer steps of 8 rows each
     assert result.steps == 6 and losses[-1] < losses[0], losses
     # ZeRO-3 shards every parameter over the ranks: the export must hold all of them, gathered
     base = AutoModelForCausalLM.from_pretrained(base_path).state_dict()
