@@ -127,6 +127,13 @@ class RunDir:
         pq.write_table(table, tmp, filesystem=self.fs)
         self.fs.move(tmp, self.path(stage, f"{name}.parquet"))
 
+    def read_bytes(self, stage: str, name: str) -> bytes | None:
+        """`<stage>/<name>` as bytes, or None when it is not there."""
+        if not self.exists(stage, name):
+            return None
+        with self.fs.open_input_stream(self.path(stage, name)) as f:
+            return f.read()
+
     def read_table(self, stage: str, name: str):
         import pyarrow.parquet as pq
 

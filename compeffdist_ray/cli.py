@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="compare against this config instead of the run's own")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = sub.add_parser("report", help="write a run directory's self-contained HTML report")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
+
     p = sub.add_parser("config", help="show the resolved config or the list of keys")
     csub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     c = csub.add_parser("show", help="print the resolved config as YAML")
@@ -211,6 +215,23 @@ def _cmd_run(args) -> int:
         statuses = stage_statuses(RunDir(cfg.run_dir), cfg)
     print(f"run: {cfg.run_dir}")
     print(status_table(statuses))
+    if args.command == "run":
+        from compeffdist_ray.report import write_report
+
+        try:
+            print(f"report: {write_report(cfg.run_dir)}")
+        except Exception as exc:  # noqa: BLE001 - the run itself succeeded; say why the report did not
+            log.warning("the run report was not written (%s: %s); try 'compeffdist report %s'",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", cfg.run_dir)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from compeffdist_ray.report import write_report
+
+    if "://" not in args.run_dir and not os.path.isdir(args.run_dir):
+        raise UserError(f"run directory not found: {args.run_dir}")
+    print(write_report(args.run_dir, args.out))
     return 0
 
 
@@ -251,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("[compeffdist] %(message)s"))
     log.handlers[:] = [handler]
     log.propagate = False
-    commands = {"run": _cmd_run, "stage": _cmd_run, "status": _cmd_status, "config": _cmd_config, "models": _cmd_models}
+    commands = {"run": _cmd_run, "stage": _cmd_run, "status": _cmd_status, "config": _cmd_config, "models": _cmd_models,
+                "report": _cmd_report}
     from compeffdist_ray.stages._common import StageFailed
 
     try:

@@ -133,8 +133,15 @@ _PLACEMENT_KEYS = {"storage_path", "max_failures", "keep_checkpoints", "checkpoi
 
 
 def train_view(train_cfg) -> dict:
-    """The `train` settings that change the trained model (for stage fingerprints)."""
-    return {k: v for k, v in asdict(train_cfg).items() if k not in _PLACEMENT_KEYS}
+    """The `train` settings that change the trained model (for stage fingerprints).
+
+    Without LoRA (r = 0) its other settings change nothing, so they are left out: changing them
+    (or a version of this tool that adds such a setting) does not redo a full fine-tuning.
+    """
+    view = {k: v for k, v in asdict(train_cfg).items() if k not in _PLACEMENT_KEYS}
+    if not view["lora"]["r"]:
+        del view["lora"]
+    return view
 
 
 def remove_run_storage(spec: TrainSpec) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -113,6 +114,17 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     total_in = sum(x.tokens["input"] for x in m.values())
     total_out = sum(x.tokens["output"] for x in m.values())
     assert (total_in, total_out) == (teacher.tokens["input"], teacher.tokens["output"])
+
+    # the run report: one self-contained HTML file, every section there, charts embedded
+    from compeffdist_ray.report import write_report
+
+    page = Path(write_report(str(tmp_path / "run"))).read_text(encoding="utf-8")
+    for section in ("Stages", "Perspectives", "Examples", "Difficulty", "Sampling", "Training", "Evaluation"):
+        assert f"<h2>{section}" in page, section
+    # 5 difficulty histograms, perspective sizes, class balance, the loss curves
+    assert page.count('src="data:image/png;base64,') == 8
+    assert 'src="http' not in page and 'href="http' not in page and "<script" not in page
+    assert "9 of 9 stages have output" in page and f"{total_in:,} in, {total_out:,} out" in page
 
     # a second run skips everything: no request reaches the teacher
     before = teacher.requests
@@ -222,6 +234,8 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "attributes: already done" in rerun.stderr and "perspectives: already done" in rerun.stderr
     assert "tasks: a previous run stopped half-way: redoing" in rerun.stderr
+    assert f"report: {run_dir / 'report.html'}" in rerun.stdout  # `run` ends with the run report
+    assert "<h2>Training" in (run_dir / "report.html").read_text(encoding="utf-8")
     assert teacher.kinds["attributes"] == attr_requests
     assert manifest("attributes")["output_id"] == first_attr and manifest("perspectives")["output_id"] == first_persp
     tasks = pd.read_parquet(run_dir / "tasks" / "tasks.parquet")

@@ -154,6 +154,10 @@ def test_train_fingerprint_ignores_placement_but_not_the_recipe():
                                          "train.storage_path=/x"]).train) == base
     assert train_view(load_config(None, ["train.lr=1e-4"]).train) != base
     assert train_view(load_config(None, ["train.num_workers=2"]).train) != base  # global batch changes
+    # LoRA settings count only with LoRA on: full fine-tuning runs stay done when they change
+    assert train_view(load_config(None, ["train.lora.alpha=8", "train.lora.dropout=0.2"]).train) == base
+    lora = train_view(load_config(None, ["train.lora.r=8"]).train)
+    assert lora != base and train_view(load_config(None, ["train.lora.r=8", "train.lora.alpha=8"]).train) != lora
 
 
 def test_trainer_drops_rays_placement_group_cleaner():
