@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from compeffdist_ray.stages._common import StageContext, StageFailed, StageOutput, without_resources
+from compeffdist_ray.stages._common import StageContext, StageOutput, without_resources
 
 log = logging.getLogger("compeffdist_ray")
 
@@ -166,30 +166,19 @@ def histograms(df, write) -> list[str]:
 
 
 def run(ctx: StageContext) -> StageOutput:
-    import math
-
-    import ray
-
+    from compeffdist_ray.actor_pool import map_on_actor_pool
     from compeffdist_ray.stages.warmup import model_dir
 
     cfg, dc = ctx.cfg, ctx.cfg.difficulty
     scorer = model_dir(ctx.run, cfg) or cfg.student.model
     responses = ctx.run.read_df("responses", "responses").sort_values(["task_id", "pair_id"], kind="stable")
     cols = ["pair_id", "task_id", "instruction", "text", "response"]
-    num_blocks = max(1, math.ceil(len(responses) / dc.batch_size))
-    ds = ray.data.from_pandas(responses[cols].reset_index(drop=True)).repartition(num_blocks)
-    scores = ds.map_batches(
-        ScoreUDF,
-        fn_constructor_kwargs=dict(model=scorer, dtype=dc.dtype, top_p=dc.top_p, prefix_reuse=dc.prefix_reuse,
-                                   num_gpus=dc.num_gpus, num_cpus=dc.num_cpus),
-        batch_size=dc.batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=dc.concurrency),
-        num_cpus=dc.num_cpus,
-        num_gpus=dc.num_gpus,
-    ).to_pandas()
-    if len(scores) != len(responses) or set(scores["pair_id"]) != set(responses["pair_id"]):
-        raise StageFailed(f"difficulty: {len(responses)} rows in, {len(scores)} scored; rows were lost")
+    # rows of one task stay together, so that a batch shares its instruction's prefix
+    scores = map_on_actor_pool(
+        responses[cols], ScoreUDF, key="pair_id", what="difficulty",
+        constructor_kwargs=dict(model=scorer, dtype=dc.dtype, top_p=dc.top_p, prefix_reuse=dc.prefix_reuse,
+                                num_gpus=dc.num_gpus, num_cpus=dc.num_cpus),
+        batch_size=dc.batch_size, concurrency=dc.concurrency, num_cpus=dc.num_cpus, num_gpus=dc.num_gpus)
     out = responses.merge(scores, on="pair_id").sort_values("pair_id").reset_index(drop=True)
     ctx.run.write_table(ctx.stage, "difficulty", out)
     stats, warnings = summarize(out)

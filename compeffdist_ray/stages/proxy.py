@@ -22,7 +22,7 @@ import logging
 import tempfile
 from dataclasses import asdict
 
-from compeffdist_ray.stages._common import StageContext, StageFailed, StageOutput, without_resources
+from compeffdist_ray.stages._common import StageContext, StageOutput, without_resources
 
 log = logging.getLogger("compeffdist_ray")
 
@@ -95,26 +95,14 @@ class PredictUDF:
 
 def predict_all(ctx: StageContext, model_path: str, frame):
     """proxy_score for every row of `frame` (pair_id, task_id, instruction, text)."""
-    import math
-
-    import ray
+    from compeffdist_ray.actor_pool import map_on_actor_pool
 
     pc = ctx.cfg.filtering.proxy
     ordered = frame.sort_values(["task_id", "pair_id"], kind="stable")[["pair_id", "instruction", "text"]]
-    blocks = max(1, math.ceil(len(ordered) / max(pc.batch_size, 1)))
-    ds = ray.data.from_pandas(ordered.reset_index(drop=True)).repartition(blocks)
-    out = ds.map_batches(
-        PredictUDF,
-        fn_constructor_kwargs=dict(path=model_path, num_gpus=pc.num_gpus, num_cpus=pc.num_cpus, batch_size=pc.batch_size),
-        batch_size=pc.batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pc.concurrency),
-        num_cpus=pc.num_cpus,
-        num_gpus=pc.num_gpus,
-    ).to_pandas()
-    if len(out) != len(frame) or set(out["pair_id"]) != set(frame["pair_id"]):
-        raise StageFailed(f"proxy: {len(frame)} pairs in, {len(out)} predicted; rows were lost")
-    return out
+    return map_on_actor_pool(
+        ordered, PredictUDF, key="pair_id", what="proxy",
+        constructor_kwargs=dict(path=model_path, num_gpus=pc.num_gpus, num_cpus=pc.num_cpus, batch_size=pc.batch_size),
+        batch_size=pc.batch_size, concurrency=pc.concurrency, num_cpus=pc.num_cpus, num_gpus=pc.num_gpus)
 
 
 def run(ctx: StageContext) -> StageOutput:

@@ -153,28 +153,21 @@ def run_generation(df, cfg: TeacherConfig, parser: Parser, *, max_new_tokens: in
     """Run the teacher over a DataFrame of `key`, `messages` on Ray Data; return the output frame."""
     import ray
 
+    from compeffdist_ray.actor_pool import in_input_order, map_on_actor_pool
+
     if len(df) == 0:
         return _empty_frame()
     if df["key"].duplicated().any():
         raise ValueError("run_generation needs unique keys")
-    num_blocks = max(1, min(len(df), -(-len(df) // cfg.batch_size)))
-    ds = ray.data.from_pandas(df[["key", "messages"]]).repartition(num_blocks)
     if cfg.backend == "vllm":
-        out = _run_vllm(ds, cfg, parser, max_new_tokens=max_new_tokens, seed=seed)
-    else:
-        out = ds.map_batches(
-            TeacherUDF,
-            fn_constructor_kwargs=dict(teacher=cfg, parser=parser, max_new_tokens=max_new_tokens, seed=seed),
-            batch_size=cfg.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-        ).to_pandas()
-    missing = set(df["key"]) - set(out["key"])
-    if missing:  # never lose a row silently
-        raise RuntimeError(f"teacher generation lost {len(missing)} rows (e.g. {sorted(missing)[:3]})")
-    return out.set_index("key").loc[list(df["key"])].reset_index()
+        num_blocks = max(1, min(len(df), -(-len(df) // cfg.batch_size)))
+        ds = ray.data.from_pandas(df[["key", "messages"]]).repartition(num_blocks)
+        return in_input_order(df, _run_vllm(ds, cfg, parser, max_new_tokens=max_new_tokens, seed=seed), "key",
+                              "teacher generation")
+    return map_on_actor_pool(
+        df[["key", "messages"]], TeacherUDF, key="key", what="teacher generation",
+        constructor_kwargs=dict(teacher=cfg, parser=parser, max_new_tokens=max_new_tokens, seed=seed),
+        batch_size=cfg.batch_size, concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
 
 
 def _run_vllm(ds, cfg: TeacherConfig, parser: Parser, *, max_new_tokens: int | None, seed: int):
