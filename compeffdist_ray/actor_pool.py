@@ -13,7 +13,7 @@ from typing import Any
 
 from compeffdist_ray.stages._common import StageFailed
 
-__all__ = ["RowsLost", "map_on_actor_pool", "in_input_order"]
+__all__ = ["RowsLost", "map_on_actor_pool", "stream_on_actor_pool", "in_input_order"]
 
 
 class RowsLost(StageFailed):
@@ -32,13 +32,14 @@ def in_input_order(frame, out, key: str, what: str):
     return out.set_index(key).loc[want].reset_index()
 
 
-def map_on_actor_pool(frame, udf: type, *, key: str, constructor_kwargs: dict[str, Any], batch_size: int,
-                      concurrency: int, num_cpus: float, num_gpus: float, what: str):
+def stream_on_actor_pool(frame, udf: type, *, constructor_kwargs: dict[str, Any], batch_size: int,
+                         concurrency: int, num_cpus: float, num_gpus: float, what: str):
     """Map ``udf`` (a callable class: ``__init__`` loads the model, ``__call__`` maps a pandas batch)
-    over ``frame`` on an actor pool of 1..``concurrency`` actors; the output frame in input order.
+    over ``frame`` on an actor pool of 1..``concurrency`` actors; yields output frames as they come.
 
     The frame is cut into blocks of about ``batch_size`` rows so that the pool has work to share
-    from the start (a frame from pandas is one block otherwise).
+    from the start (a frame from pandas is one block otherwise). Output batches arrive in no
+    particular order: callers that need them all use :func:`map_on_actor_pool`.
     """
     import math
 
@@ -56,5 +57,16 @@ def map_on_actor_pool(frame, udf: type, *, key: str, constructor_kwargs: dict[st
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-    ).to_pandas()
+    )
+    yield from out.iter_batches(batch_size=None, batch_format="pandas")
+
+
+def map_on_actor_pool(frame, udf: type, *, key: str, constructor_kwargs: dict[str, Any], batch_size: int,
+                      concurrency: int, num_cpus: float, num_gpus: float, what: str):
+    """:func:`stream_on_actor_pool`, collected: the output frame in input order, or RowsLost."""
+    import pandas as pd
+
+    parts = list(stream_on_actor_pool(frame, udf, constructor_kwargs=constructor_kwargs, batch_size=batch_size,
+                                      concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus, what=what))
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({key: []})
     return in_input_order(frame, out, key, what)

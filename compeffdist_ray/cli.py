@@ -67,7 +67,78 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("pull", help="fetch and convert a model alias into the cache")
     m.add_argument("name", help="model alias")
     m.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    _eval_parser(sub)
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the teacher or the proxy difficulty model with Ray Serve",
+                       description="Start a Ray Serve app on the local Ray (or ray.address) and block until Ctrl-C, "
+                                   "or write a Serve config file for 'serve run' / 'serve deploy'. Every route but "
+                                   "/health needs 'Authorization: Bearer <token>' (COMPEFFDIST_SERVE_TOKEN, "
+                                   "serve.token_file, or a token generated into the cache).")
+    ssub = p.add_subparsers(dest="serve_command", required=True, parser_class=_Parser)
+    t = ssub.add_parser("teacher", help="the teacher as an OpenAI-compatible chat-completions server")
+    t.add_argument("--config", metavar="FILE", help="pipeline config YAML (default: the embedded local demo profile)")
+    r = ssub.add_parser("proxy", help="the proxy difficulty model (POST /proxy/v1/difficulty)")
+    r.add_argument("--model", metavar="RUN_DIR_OR_PATH", required=True,
+                   help="a proxy-mode run directory (with proxy/model) or a proxy model directory")
+    r.add_argument("--config", metavar="FILE", help="config YAML for the serve section (default: the defaults)")
+    for q in (t, r):
+        q.add_argument("--host", metavar="H", help="address to listen on (serve.host, default 127.0.0.1)")
+        q.add_argument("--port", metavar="P", type=int, help="port to listen on (serve.port, default 8000)")
+        q.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+    c = ssub.add_parser("config", help="write a Serve config file (serve run / serve deploy / KubeRay RayService)")
+    c.add_argument("app", choices=["teacher", "proxy"], help="which app")
+    c.add_argument("--config", metavar="FILE", help="pipeline config YAML the app is built from")
+    c.add_argument("--model", metavar="RUN_DIR_OR_PATH", help="proxy: the model (default: <run_dir>/proxy/model)")
+    c.add_argument("--out", metavar="FILE", help="where to write it (default: print it)")
+    c.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, kept in the file")
+
+
+def _eval_parser(sub) -> None:
+    from dataclasses import fields
+
+    from compeffdist_ray.eval_runner import EvalConfig
+
+    spec = {f.name: f for f in fields(EvalConfig)}
+
+    def opt(flag: str, name: str, **kwargs):
+        f = spec[name]
+        default = "" if f.default is None else f" (default: {f.default})"
+        kwargs.setdefault("metavar", name.upper().replace("_", "-"))
+        p.add_argument(flag, dest=name, default=None, help=f.metadata["help"] + default, **kwargs)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model on SentiBench, or compare result files",
+        description=("SentiBench protocol: k-shot classification read off the next-token logits of the "
+                     "label tokens (macro-F1), ABSA answers as JSON lists (micro-F1); writes a JSON result "
+                     "file and prints a Markdown table. Example: compeffdist eval --model smollm2-135m-instruct "
+                     "--data-dir ../shared/sentibench --limit 50; compeffdist eval --compare a.json b.json"))
+    opt("--model", "model", metavar="MODEL")
+    opt("--data-dir", "data_dir", metavar="DIR")
+    opt("--datasets", "datasets", metavar="A,B,...")
+    opt("--k-shot", "k_shot", type=int, metavar="K")
+    opt("--seed", "seed", type=int)
+    opt("--limit", "limit", type=int, metavar="N")
+    opt("--batch-size", "batch_size", type=int, metavar="B")
+    opt("--max-new-tokens", "max_new_tokens", type=int, metavar="N")
+    opt("--max-prompt-tokens", "max_prompt_tokens", type=int, metavar="N")
+    opt("--demos", "demos", choices=["shared", "per-example"], metavar="{shared,per-example}")
+    opt("--concurrency", "concurrency", type=int, metavar="N")
+    opt("--num-cpus", "num_cpus", type=float, metavar="X")
+    opt("--num-gpus", "num_gpus", type=float, metavar="X")
+    opt("--dtype", "dtype", metavar="DTYPE")
+    opt("--ray-address", "ray_address", metavar="ADDR")
+    opt("--endpoint-model", "endpoint_model", metavar="NAME")
+    opt("--api-key-env", "api_key_env", metavar="VAR")
+    p.add_argument("--out", metavar="FILE", help="result JSON (default: eval-<model>-k<K>-seed<S>[-limit<N>].json here); "
+                   "the per-example predictions go to FILE's stem + .predictions/")
+    p.add_argument("--fresh", action="store_true", help="redo every dataset, even those an earlier run with the same "
+                   "model, prompts and options saved in the predictions folder")
+    p.add_argument("--compare", nargs="+", metavar="FILE", help="print these result files side by side instead")
 
 
 def _load(args) -> "object":
@@ -203,6 +274,41 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from compeffdist_ray import evaluation as ev
+
+    if args.compare:
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "data_dir", "datasets", "limit") if getattr(args, k)]
+        if given or args.out:
+            raise UserError(f"--compare only reads result files; leave out {', '.join(given + ['--out'] * bool(args.out))}")
+        results = [ev.load_result(p) for p in args.compare]
+        print(ev.compare_table(results, ev.compare_names(results, args.compare)))
+        settings = {(r.get("k"), r.get("seed"), r.get("limit"), r.get("demos")) for r in results}
+        if len(settings) > 1:
+            print("\nnote: the runs differ in k / seed / limit / demonstrations: "
+                  + "; ".join(f"{p}: k={r.get('k')}, seed={r.get('seed')}, limit={r.get('limit')}, "
+                              f"demos={r.get('demos')}" for p, r in zip(args.compare, results)))
+        return 0
+    if not args.model or not args.data_dir:
+        raise UserError("eval needs --model MODEL and --data-dir DIR (or --compare FILE [FILE ...])")
+    from compeffdist_ray.eval_runner import EvalConfig, default_out_path, predictions_dir_for, run_eval, write_result
+
+    names = ("model", "data_dir", "datasets", "k_shot", "seed", "limit", "batch_size", "max_new_tokens",
+             "max_prompt_tokens", "demos", "concurrency", "num_cpus", "num_gpus", "dtype", "ray_address", "endpoint_model",
+             "api_key_env")
+    cfg = EvalConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None}, resume=not args.fresh)
+    out = args.out or default_out_path(cfg)
+    result = run_eval(cfg, predictions_dir=predictions_dir_for(out))
+    path = write_result(result, out)
+    print(f"model: {result['model']}, k={result['k']} ({result['demos']} demonstrations), seed={result['seed']}, "
+          f"limit={result['limit']}; wall time {result['wall_time_s']:.1f} s")
+    print(ev.results_table(result))
+    for why in result["skipped"].values():
+        print(f"skipped: {why}")
+    print(f"results: {path} (per-example predictions in {result['predictions_dir']})")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from compeffdist_ray.artifacts import RunDir
     from compeffdist_ray.pipeline import run_one_stage, run_pipeline, stage_statuses
@@ -224,6 +330,41 @@ def _cmd_run(args) -> int:
             log.warning("the run report was not written (%s: %s); try 'compeffdist report %s'",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", cfg.run_dir)
     return 0
+
+
+def _cmd_serve(args) -> int:
+    from compeffdist_ray.config import load_config
+
+    if args.serve_command == "config":
+        from compeffdist_ray.serving.deploy import serve_config_yaml
+
+        overrides = list(args.overrides or [])
+        cfg = load_config(args.config, overrides)
+        text = serve_config_yaml(args.app, cfg, config_path=args.config, overrides=overrides, model=args.model,
+                                 out=args.out)
+        if args.out:
+            from pathlib import Path
+
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+            print(out)
+        else:
+            print(text, end="")
+        return 0
+    from compeffdist_ray.serving.launch import serve_forever
+
+    overrides = list(args.overrides or [])
+    if args.host:
+        overrides.append(f"serve.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"serve.port={args.port}")
+    cfg = load_config(args.config, overrides)
+    try:
+        return serve_forever(args.serve_command, cfg, model=getattr(args, "model", None))
+    except KeyboardInterrupt:  # while starting: Ray shuts down with the process
+        print("compeffdist: interrupted while starting the app; nothing is served", file=sys.stderr)
+        return 130
 
 
 def _cmd_report(args) -> int:
@@ -273,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     log.handlers[:] = [handler]
     log.propagate = False
     commands = {"run": _cmd_run, "stage": _cmd_run, "status": _cmd_status, "config": _cmd_config, "models": _cmd_models,
-                "report": _cmd_report}
+                "eval": _cmd_eval, "report": _cmd_report, "serve": _cmd_serve}
     from compeffdist_ray.stages._common import StageFailed
 
     try:

@@ -55,7 +55,8 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None):
 @dataclass
 class RayConfig:
     address: Optional[str] = _f(
-        None, help="Ray cluster address; null runs ray.init() on this machine (local mode)."
+        None, help="Ray cluster address; null runs ray.init() on this machine (local mode), or joins the job's "
+                   "cluster when run as a Ray job (RAY_ADDRESS set)."
     )
     num_cpus: Optional[int] = _f(None, help="CPUs for a local Ray instance; null = all cores.")
     include_dashboard: bool = _f(False, help="Start the Ray dashboard in local mode.")
@@ -107,10 +108,20 @@ class VLLMConfig:
 
 
 @dataclass
+class TeacherServeConfig:
+    app_name: str = _f(
+        "teacher",
+        help="Name of the running Ray Serve teacher app (compeffdist serve teacher) that the pipeline's actors "
+        "call through a deployment handle, on the same Ray cluster.",
+    )
+
+
+@dataclass
 class TeacherConfig:
-    backend: Literal["transformers", "vllm", "openai"] = _f(
+    backend: Literal["transformers", "vllm", "openai", "serve"] = _f(
         "transformers",
-        help="Where generations come from: in-process transformers, Ray's vLLM processor, or HTTP.",
+        help="Where generations come from: in-process transformers, Ray's vLLM processor, HTTP (openai), "
+        "or a running Ray Serve teacher app called through its deployment handle (serve).",
     )
     model: str = _f(
         "smollm2-135m-instruct",
@@ -140,6 +151,7 @@ class TeacherConfig:
     )
     openai: OpenAIConfig = _f(help="Settings of the openai backend.", factory=OpenAIConfig)
     vllm: VLLMConfig = _f(help="Settings of the vllm backend.", factory=VLLMConfig)
+    serve: TeacherServeConfig = _f(help="Settings of the serve backend.", factory=TeacherServeConfig)
 
 
 @dataclass
@@ -333,6 +345,31 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    data_dir: Optional[str] = _f(
+        None, help="A SentiBench copy (<category>/<dataset>/{train,test}.json); null skips the evaluate stage."
+    )
+    datasets: list[str] = _f(help="Datasets to evaluate (sc/sst2 or sst2); empty: every usable one found.",
+                             factory=list)
+    k_shot: int = _f(8, help="Demonstrations per prompt, drawn from the train split (SentiBench: 8).")
+    demos: Literal["shared", "per-example"] = _f(
+        "shared", help="One draw of demonstrations per dataset, its prefix computed once (shared), or a fresh draw "
+                       "per test example (per-example, the SentiBench reference scripts' way)."
+    )
+    limit: Optional[int] = _f(None, help="Only the first N test rows of each dataset; null = all of them.")
+    base_student: bool = _f(True, help="Evaluate the base student (student.model) beside the distilled one.")
+    teacher: bool = _f(
+        False, help="Also evaluate the teacher: its model (transformers backend) or its endpoint (openai backend)."
+    )
+    max_new_tokens: int = _f(128, help="Token limit of an ABSA answer.")
+    max_prompt_tokens: int = _f(4096, help="Longest prompt; demonstrations are dropped from the end to fit.")
+    batch_size: int = _f(8, help="Prompts per forward pass or generate call.")
+    concurrency: int = _f(1, help="Evaluation actors per model (one model load each).")
+    num_cpus: Optional[float] = _f(None, help="CPUs per actor; null = 1 for a model, 0.25 for an endpoint.")
+    num_gpus: float = _f(0.0, help="GPUs per actor (0 runs on CPU).")
+
+
+@dataclass
 class DifficultyConfig:
     top_p: float = _f(0.95, help="Nucleus of the rank-based difficulty (paper's code: 0.95).")
     batch_size: int = _f(32, help="Rows per batch handed to one scoring actor (rows of a task together).")
@@ -424,6 +461,46 @@ class SamplingConfig:
 
 
 @dataclass
+class ServeLimitsConfig:
+    """What one request to a served model may ask for; more is refused with 413 / 422."""
+
+    max_body_bytes: int = _f(1_000_000, help="Largest request body in bytes (Content-Length and the body read); "
+                             "more is answered 413.")
+    max_messages: int = _f(64, help="Chat messages per request at most (422 above).")
+    max_tokens: int = _f(4096, help="Largest max_tokens a chat request may ask for (422 above).")
+    max_batch_items: int = _f(256, help="(instruction, text) items per difficulty request at most (422 above).")
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve apps for the teacher and the proxy difficulty model (compeffdist serve)."""
+
+    host: str = _f("127.0.0.1", help="Address the Serve HTTP proxy listens on; 0.0.0.0 exposes it to the "
+                   "network (keep the bearer token on, and TLS or a private network in front).")
+    port: int = _f(8000, help="Port of the Serve HTTP proxy.")
+    teacher_app_name: str = _f("teacher", help="Serve application name of the teacher (teacher.serve.app_name "
+                               "must match for the pipeline's serve backend).")
+    teacher_route_prefix: str = _f("/", help="Route prefix of the teacher app: its OpenAI base URL is "
+                                   "http://HOST:PORT<prefix>/v1.")
+    proxy_app_name: str = _f("proxy", help="Serve application name of the proxy difficulty model.")
+    proxy_route_prefix: str = _f("/proxy", help="Route prefix of the proxy app: POST <prefix>/v1/difficulty.")
+    num_replicas: int = _f(1, help="Replicas of each served model (each loads the model once).")
+    max_ongoing_requests: int = _f(32, help="Requests one replica accepts at once; more wait in Serve's queue.")
+    num_cpus: float = _f(1.0, help="CPUs reserved per replica.")
+    num_gpus: float = _f(0.0, help="GPUs per replica (transformers teacher and proxy; vLLM takes "
+                         "teacher.vllm.tensor_parallel_size GPUs).")
+    max_batch_size: int = _f(8, help="Requests merged into one model batch at most (@serve.batch).")
+    batch_wait_timeout_s: float = _f(0.05, help="How long a replica waits for more requests before running "
+                                     "a batch that is not full, in seconds.")
+    token_env: str = _f("COMPEFFDIST_SERVE_TOKEN", help="Environment variable holding the bearer token every "
+                        "route but /health requires.")
+    token_file: Optional[str] = _f(None, help="File holding the bearer token, used when the variable token_env "
+                                   "is unset; null = 'compeffdist serve' generates one into "
+                                   "<cache>/serve/token (mode 0600), Serve config files need one of the two.")
+    limits: ServeLimitsConfig = _f(help="Request limits.", factory=ServeLimitsConfig)
+
+
+@dataclass
 class Config:
     """The whole pipeline's configuration."""
 
@@ -445,6 +522,9 @@ class Config:
     filtering: FilteringConfig = _f(help="Stage 8: the proxy difficulty model (proxy mode).", factory=FilteringConfig)
     sampling: SamplingConfig = _f(help="Stage 9: difficulty-prioritised sampling.", factory=SamplingConfig)
     finetune: FinetuneConfig = _f(help="Stage 11: the student fine-tuned on the kept samples.", factory=FinetuneConfig)
+    evaluate: EvaluateConfig = _f(help="Stage 12: SentiBench for the base and distilled students (and the teacher).",
+                                  factory=EvaluateConfig)
+    serve: ServeConfig = _f(help="Ray Serve apps for the teacher and the proxy (compeffdist serve).", factory=ServeConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,6 +752,50 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
             positive(path, value)
     if not cfg.input.text_column:
         errors.append("input.text_column: must not be empty")
+    e = cfg.evaluate
+    for path, low in (("evaluate.k_shot", 0), ("evaluate.max_new_tokens", 1), ("evaluate.max_prompt_tokens", 16),
+                      ("evaluate.batch_size", 1), ("evaluate.concurrency", 1)):
+        value = get_path(cfg, path)
+        if isinstance(value, int) and value < low:
+            errors.append(f"{path}: must be >= {low}, got {value!r}")
+    if isinstance(e.limit, int) and e.limit < 1:
+        errors.append(f"evaluate.limit: must be a positive number of rows or null (all), got {e.limit!r}")
+    if (isinstance(e.num_cpus, (int, float)) and e.num_cpus < 0) or (isinstance(e.num_gpus, (int, float))
+                                                                      and e.num_gpus < 0):
+        errors.append("evaluate.num_cpus / evaluate.num_gpus: must be >= 0")
+    _check_serve(cfg, errors)
+
+
+def _check_serve(cfg: Config, errors: list[str]) -> None:
+    s = cfg.serve
+    for path in ("serve.num_replicas", "serve.max_ongoing_requests", "serve.max_batch_size",
+                 "serve.limits.max_body_bytes", "serve.limits.max_messages", "serve.limits.max_tokens",
+                 "serve.limits.max_batch_items"):
+        value = get_path(cfg, path)
+        if isinstance(value, int) and value <= 0:
+            errors.append(f"{path}: must be > 0, got {value!r}")
+    if isinstance(s.port, int) and not 1 <= s.port <= 65535:
+        errors.append(f"serve.port: must be a TCP port in 1-65535, got {s.port!r}")
+    if not s.host:
+        errors.append("serve.host: must not be empty (127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
+    for path in ("serve.batch_wait_timeout_s", "serve.num_cpus", "serve.num_gpus"):
+        value = get_path(cfg, path)
+        if isinstance(value, (int, float)) and value < 0:
+            errors.append(f"{path}: must be >= 0, got {value!r}")
+    for path in ("serve.teacher_route_prefix", "serve.proxy_route_prefix"):
+        value = get_path(cfg, path)
+        if isinstance(value, str) and (not value.startswith("/") or (len(value) > 1 and value.endswith("/"))):
+            errors.append(f"{path}: a route prefix starts with '/' and does not end with one (e.g. / or /proxy), "
+                          f"got {value!r}")
+    if s.teacher_app_name == s.proxy_app_name:
+        errors.append(f"serve.proxy_app_name: must differ from serve.teacher_app_name, both are {s.proxy_app_name!r}")
+    if s.teacher_route_prefix == s.proxy_route_prefix:
+        errors.append(f"serve.proxy_route_prefix: must differ from serve.teacher_route_prefix, both are "
+                      f"{s.proxy_route_prefix!r}")
+    if not s.token_env:
+        errors.append("serve.token_env: must name an environment variable (default COMPEFFDIST_SERVE_TOKEN)")
+    if not cfg.teacher.serve.app_name:
+        errors.append("teacher.serve.app_name: must name the Serve app of the teacher (default 'teacher')")
 
 
 def get_path(obj: Any, dotted: str) -> Any:

@@ -92,8 +92,14 @@ __all__ = [
     "INPUT_COLUMNS",
     "METRIC_COLUMNS",
     "EncodedRow",
+    "common_prefix_len",
     "encode_row",
+    "expand_cache",
+    "logits_at",
     "metrics_from_logits",
+    "prefix_cache",
+    "project_hidden",
+    "projection_setup",
     "rank_scores",
     "rank_scores_sorted",
     "score_batch",
@@ -385,7 +391,7 @@ def _base_model(model):
     return base
 
 
-def _project(model, hidden):
+def project_hidden(model, hidden):
     """lm_head plus the family's final logit processing, on already-gathered hidden states."""
     import torch
 
@@ -411,7 +417,7 @@ def _check_head_once(model, base, probe_ids) -> None:
         return
     ids = torch.tensor([probe_ids[:16]], dtype=torch.long, device=_device(model))
     want = model(input_ids=ids, use_cache=False).logits[0]
-    got = _project(model, base(input_ids=ids, use_cache=False).last_hidden_state[0])
+    got = project_hidden(model, base(input_ids=ids, use_cache=False).last_hidden_state[0])
     if want.shape != got.shape or not torch.allclose(want.float(), got.float(), atol=1e-4, rtol=1e-4):
         raise UserError(
             f"{type(model).__name__}: logits rebuilt from hidden states (lm_head + known final processing) do not "
@@ -421,7 +427,8 @@ def _check_head_once(model, base, probe_ids) -> None:
     _HEAD_CHECKED.add(model)
 
 
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of ``seqs`` share."""
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for i in range(n):
@@ -431,7 +438,7 @@ def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _expand_cache(cache, batch: int):
+def expand_cache(cache, batch: int):
     """A fresh cache holding the prefix's keys/values for ``batch`` rows, without copying them.
 
     Each layer is shallow-copied and its tensors replaced by ``expand`` views (stride 0 on the
@@ -622,7 +629,7 @@ def _packing_usable(model, decoder, probe_ids: Sequence[int]) -> bool:
         mask = torch.tensor([[1] * len(r) + [0] * (5 - len(r)) for r in rows], dtype=torch.long, device=device)
         cache = DynamicCache(config=config)
         decoder(input_ids=torch.tensor([probe[:plen]], device=device), past_key_values=cache, use_cache=True)
-        want_prefix = decoder(input_ids=ids, past_key_values=_expand_cache(cache, 2), use_cache=True,
+        want_prefix = decoder(input_ids=ids, past_key_values=expand_cache(cache, 2), use_cache=True,
                               attention_mask=torch.cat([torch.ones((2, plen), dtype=torch.long, device=device),
                                                         mask], 1),
                               position_ids=(plen + torch.arange(5, device=device))[None, :].expand(2, -1))
@@ -667,28 +674,27 @@ def _batches(indices: Sequence[int], lengths: Mapping[int, int] | Sequence[int],
     return out
 
 
-def _score_sequences(model, base, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
-                     targets: Sequence[Sequence[int]], *, pad_id: int, top_p: float,
-                     response_only_projection: bool, packed: bool = False, prefix_cache=None,
-                     prefix_len: int = 0, want_ranks: bool = True,
-                     stats: dict) -> list[tuple[list[float], list[float]]]:
-    """One forward over ``seqs`` (each after ``prefix_len`` cached tokens, if any).
+def logits_at(model, base, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], *, pad_id: int,
+              response_only_projection: bool = True, packed: bool = False, prefix_cache=None,
+              prefix_len: int = 0, stats: dict | None = None):
+    """One forward over ``seqs`` (each after ``prefix_len`` cached tokens, if any); the logits
+    [sum of counts, V] at the positions ``spans`` name, row by row.
 
-    ``packed``: the rows run end to end without padding (:func:`_packed_forward`; needs
+    ``spans[b] = (start, count)``: positions start .. start+count-1 of row b. ``packed``: the
+    rows run end to end without padding (:func:`_packed_forward`; needs
     ``response_only_projection``), reading ``prefix_cache`` once. Otherwise the rows are
-    right-padded and ``prefix_cache`` is expanded to the batch.
-
-    ``spans[b] = (start, count)``: positions start .. start+count-1 of row b predict its
-    ``targets[b]``. Returns per row (rank scores, nlls) of its target tokens (rank scores
-    empty unless ``want_ranks``).
+    right-padded (a real token never sees a pad: all pads come after it) and ``prefix_cache``
+    is expanded to the batch. ``base`` is the decoder (:func:`_base_model`), needed for
+    ``response_only_projection`` (only the named positions go through lm_head).
     """
     import torch
 
+    stats = {} if stats is None else stats
     device = _device(model)
     width = max(len(s) for s in seqs)
     batch = len(seqs)
     real = sum(len(s) for s in seqs)
-    tgt = torch.tensor([t for row in targets for t in row], dtype=torch.long, device=device)
+    n_at = sum(n for _, n in spans)
     stats["tokens_forwarded"] = stats.get("tokens_forwarded", 0) + real
     stats["forwards"] = stats.get("forwards", 0) + 1
     if packed:
@@ -699,37 +705,72 @@ def _score_sequences(model, base, seqs: Sequence[Sequence[int]], spans: Sequence
                           dtype=torch.long, device=device)
         prefix = _prefix_layers(prefix_cache) if prefix_cache is not None else None
         hidden = _packed_forward(model, base, seqs, prefix=prefix, prefix_len=prefix_len)
-        logits = _project(model, hidden[at])
         stats["packed_forwards"] = stats.get("packed_forwards", 0) + 1
         stats["padded_tokens"] = stats.get("padded_tokens", 0)
-        stats["projected_positions"] = stats.get("projected_positions", 0) + int(tgt.numel())
+        stats["projected_positions"] = stats.get("projected_positions", 0) + n_at
+        return project_hidden(model, hidden[at])
+    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+        mask[b, :len(s)] = 1
+    stats["padded_tokens"] = stats.get("padded_tokens", 0) + batch * width - real
+    if prefix_cache is not None:
+        kwargs = {
+            "past_key_values": expand_cache(prefix_cache, batch),
+            "use_cache": True,
+            "attention_mask": torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], 1),
+            "position_ids": (prefix_len + torch.arange(width, device=device))[None, :].expand(batch, -1),
+        }
     else:
-        ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-        for b, s in enumerate(seqs):  # right padding: a real token never sees a pad (all pads come after it)
-            ids[b, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-            mask[b, :len(s)] = 1
-        stats["padded_tokens"] = stats.get("padded_tokens", 0) + batch * width - real
-        if prefix_cache is not None:
-            kwargs = {
-                "past_key_values": _expand_cache(prefix_cache, batch),
-                "use_cache": True,
-                "attention_mask": torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask],
-                                            1),
-                "position_ids": (prefix_len + torch.arange(width, device=device))[None, :].expand(batch, -1),
-            }
-        else:
-            kwargs = {"attention_mask": mask, "use_cache": False}
-        rows_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, (_, n) in enumerate(spans)]).to(device)
-        pos_idx = torch.cat([torch.arange(start, start + n) for start, n in spans]).to(device)
-        if response_only_projection:
-            hidden = base(input_ids=ids, **kwargs).last_hidden_state
-            logits = _project(model, hidden[rows_idx, pos_idx])
-        else:
-            logits = model(input_ids=ids, **kwargs).logits[rows_idx, pos_idx]
-        stats["projected_positions"] = stats.get("projected_positions", 0) + (
-            int(tgt.numel()) if response_only_projection else batch * width)
+        kwargs = {"attention_mask": mask, "use_cache": False}
+    rows_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, (_, n) in enumerate(spans)]).to(device)
+    pos_idx = torch.cat([torch.arange(start, start + n) for start, n in spans]).to(device)
+    stats["projected_positions"] = stats.get("projected_positions", 0) + (
+        n_at if response_only_projection else batch * width)
+    if response_only_projection:
+        hidden = base(input_ids=ids, **kwargs).last_hidden_state
+        return project_hidden(model, hidden[rows_idx, pos_idx])
+    return model(input_ids=ids, **kwargs).logits[rows_idx, pos_idx]
 
+
+def projection_setup(model, probe_ids: Sequence[int], *, packing: bool = True):
+    """(decoder, packed) for the fast paths of :func:`logits_at`: the model's decoder, checked
+    once per model object to rebuild its logits from hidden states (response-only projection),
+    and whether its rows may be packed (:func:`_packing_usable`; always False if not
+    ``packing``). ``probe_ids``: a few real token ids for the checks."""
+    base = _base_model(model)
+    _check_head_once(model, base, probe_ids)
+    return base, bool(packing and _packing_usable(model, base, probe_ids))
+
+
+def prefix_cache(model, base, prefix_ids: Sequence[int], stats: dict | None = None):
+    """The decoder's ``DynamicCache`` after ``prefix_ids`` (batch 1); its own outputs are never
+    projected (the decoder runs, lm_head does not)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    decoder = base if base is not None else getattr(model, "base_model", model)
+    decoder(input_ids=torch.tensor([list(prefix_ids)], dtype=torch.long, device=_device(model)),
+            past_key_values=cache, use_cache=True)
+    if stats is not None:
+        stats["tokens_forwarded"] = stats.get("tokens_forwarded", 0) + len(prefix_ids)
+    return cache
+
+
+def _score_sequences(model, base, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                     targets: Sequence[Sequence[int]], *, pad_id: int, top_p: float,
+                     response_only_projection: bool, packed: bool = False, prefix_cache=None,
+                     prefix_len: int = 0, want_ranks: bool = True,
+                     stats: dict) -> list[tuple[list[float], list[float]]]:
+    """Per row (rank scores, nlls) of its ``targets``, predicted at the positions ``spans`` name
+    (:func:`logits_at`); rank scores empty unless ``want_ranks``."""
+    import torch
+
+    tgt = torch.tensor([t for row in targets for t in row], dtype=torch.long, device=_device(model))
+    logits = logits_at(model, base, seqs, spans, pad_id=pad_id, response_only_projection=response_only_projection,
+                       packed=packed, prefix_cache=prefix_cache, prefix_len=prefix_len, stats=stats)
     ranks = rank_scores(logits, tgt, top_p=top_p).tolist() if want_ranks else []
     nlls = token_nll(logits, tgt).tolist()
     out, lo = [], 0
@@ -757,7 +798,7 @@ def _prefix_jobs(rows, encoded: Sequence[EncodedRow], *, prefix_reuse: bool,
             continue
         prompts = [encoded[i].prompt_ids for i in idxs]
         # Keep the last prompt token out of the prefix: its output predicts the first response token.
-        shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         if shared < max(1, min_prefix_tokens):
             plain.extend(idxs)
         else:
@@ -805,8 +846,6 @@ def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.9
     tokens run through the decoder, each shared prefix once; prefix_groups,
     prefix_tokens_computed, prefix_tokens_reused).
     """
-    import torch
-
     _check_rows(rows)
     top_p = _check_top_p(top_p)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -818,29 +857,20 @@ def score_batch(model, tokenizer, rows: Sequence[Mapping], *, top_p: float = 0.9
         return []
     encoded = [encode_row(tokenizer, row) for row in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
-    base = _base_model(model) if response_only_projection else None
-    device = _device(model)
     cond: list = [None] * len(rows)
     uncond: list = [None] * len(rows)
 
     with _eval_mode(model):
+        base, packed = None, False
         if response_only_projection:
-            _check_head_once(model, base, encoded[0].full_ids)
-        packed = bool(packing and base is not None and _packing_usable(model, base, encoded[0].full_ids))
+            base, packed = projection_setup(model, encoded[0].full_ids, packing=packing)
         for prefix_len, idxs in _prefix_jobs(rows, encoded, prefix_reuse=prefix_reuse,
                                              min_prefix_tokens=min_prefix_tokens):
             cache = None
             if prefix_len:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=model.config)
-                prefix = torch.tensor([encoded[idxs[0]].prompt_ids[:prefix_len]], dtype=torch.long, device=device)
-                # the prefix's own outputs are never scored: run the decoder only, never lm_head
-                decoder = base if base is not None else getattr(model, "base_model", model)
-                decoder(input_ids=prefix, past_key_values=cache, use_cache=True)
+                cache = prefix_cache(model, base, encoded[idxs[0]].prompt_ids[:prefix_len], stats)
                 stats["prefix_groups"] = stats.get("prefix_groups", 0) + 1
                 stats["prefix_tokens_computed"] = stats.get("prefix_tokens_computed", 0) + prefix_len
-                stats["tokens_forwarded"] = stats.get("tokens_forwarded", 0) + prefix_len
                 stats["prefix_tokens_reused"] = stats.get("prefix_tokens_reused", 0) + prefix_len * (len(idxs) - 1)
             suffix_len = {i: len(encoded[i].full_ids) - prefix_len for i in idxs}
             # an expanded cache holds the prefix once per row; a packed forward reads it once

@@ -9,6 +9,7 @@ an input is not done); *incomplete* when its folder has no manifest (killed half
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -74,8 +75,9 @@ def ensure_ray(cfg: Config) -> None:
         return
     kwargs: dict = dict(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard,
                         logging_level=logging.WARNING, log_to_driver=True)
-    if cfg.ray.address is None and cfg.ray.num_cpus is not None:
-        kwargs["num_cpus"] = cfg.ray.num_cpus
+    inside_job = bool(os.environ.get("RAY_ADDRESS"))  # a Ray job's driver: ray.init() joins the job's cluster
+    if cfg.ray.address is None and cfg.ray.num_cpus is not None and not inside_job:
+        kwargs["num_cpus"] = cfg.ray.num_cpus  # sizes a local instance; a cluster has its own resources
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
@@ -106,6 +108,8 @@ def preflight(cfg: Config, names: list[str]) -> None:
     if "teacher" in needs:
         from compeffdist_ray.teacher import check_backend
 
+        if cfg.teacher.backend == "serve":  # the app lives on the Ray cluster: connect first, to look it up
+            ensure_ray(cfg)
         check_backend(cfg.teacher)
     for name in names:  # a stage's own checks (e.g. the scorer's tokenizer)
         check = getattr(load_stage_module(name), "preflight", None)

@@ -545,19 +545,13 @@ def _length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: i
     return out
 
 
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
-
-
 def _prefix_jobs(ids: Sequence[Sequence[int]], instructions: Sequence[str], *,
                  enabled: bool) -> list[tuple[int, list[int]]]:
     """(shared prefix length, row indices): one job per instruction whose rows share at least
     ``MIN_PREFIX_TOKENS`` leading prompt tokens, plus one job (prefix 0) with every other row.
     The prefix stops one token short of the shortest prompt: each row keeps its last token."""
+    from compeffdist_ray.difficulty import common_prefix_len
+
     if not enabled:
         return [(0, list(range(len(ids))))]
     groups: dict[str, list[int]] = {}
@@ -568,7 +562,7 @@ def _prefix_jobs(ids: Sequence[Sequence[int]], instructions: Sequence[str], *,
         shared = 0
         if len(idxs) >= 2:
             seqs = [ids[i] for i in idxs]
-            shared = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+            shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
         if shared >= MIN_PREFIX_TOKENS:
             jobs.append((shared, idxs))
         else:

@@ -268,15 +268,34 @@ def _training_section(rd) -> str:
 
 def _evaluation_section(rd) -> str:
     m = rd.read_manifest("evaluate")
+    how = ("set <code>evaluate.data_dir</code> to a SentiBench copy and run <code>compeffdist run</code> again, or "
+           "run <code>compeffdist eval --model RUN/finetune/model --data-dir SENTIBENCH</code>")
     if m is None:
-        return ("<h2>Evaluation</h2><p class=\"note\">This run has no evaluation yet: run "
-                "<code>compeffdist eval --model RUN/finetune/model --data-dir SENTIBENCH</code>.</p>")
-    results = m.stats.get("results", {})  # model -> dataset -> metrics
-    datasets = sorted({d for per in results.values() for d in per})
+        return f'<h2>Evaluation</h2><p class="note">This run has no evaluation yet: {how}.</p>'
+    if m.stats.get("skipped"):
+        return f'<h2>Evaluation</h2><p class="note">Skipped ({_e(m.stats["skipped"])}): {how}.</p>'
+    results = m.stats.get("results", {})  # model -> dataset -> {kind, n, metrics}
+    names = list(results)
+    datasets = list(dict.fromkeys(d for per in results.values() for d in per))
     rows = []
-    for model, per in results.items():
-        rows.append([_e(model)] + [_num(per.get(d, {}).get("f1"), ".3f") for d in datasets])
-    return "\n".join(["<h2>Evaluation</h2>", _table(["model", *datasets], rows, set(range(1, len(datasets) + 1)))])
+    for d in datasets:
+        first = next(per[d] for per in results.values() if d in per)
+        cells = []
+        for n in names:
+            b = results[n].get(d)
+            cells.append("-" if b is None else _num(100 * b.get("macro_f1", b.get("f1", 0.0)), ".1f"))
+        rows.append([_e(d), _e(first.get("kind", "")), _num(first.get("n"))] + cells)
+    means = m.stats.get("mean_f1", {})
+    rows.append(["<b>mean</b>", "", ""] + [_num(None if means.get(n) is None else 100 * means[n], ".1f") for n in names])
+    models = m.stats.get("models", {})
+    limit = m.stats.get("limit")
+    note = (f"SentiBench F1 x100 (macro-F1 for classification, micro-F1 over exact tuples for ABSA), "
+            f"k = {_e(m.stats.get('k'))} demonstrations ({_e(m.stats.get('demos', 'shared'))} draw), "
+            f"seed {_e(m.stats.get('seed'))}, "
+            + (f"first {_e(limit)} test rows of each dataset" if limit else "full test sets") + "; models: "
+            + "; ".join(f"<b>{_e(n)}</b> <code>{_e(models.get(n, '?'))}</code>" for n in names) + ".")
+    return "\n".join(["<h2>Evaluation</h2>", f'<p class="note">{note}</p>',
+                      _table(["dataset", "kind", "n", *names], rows, set(range(2, len(names) + 3)))])
 
 
 # --------------------------------------------------------------------------------------------

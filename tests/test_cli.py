@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,10 @@ import pytest
 from conftest import CONFIGS, ROOT
 
 
-def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`compeffdist ARGS` in a fresh process; `env` adds to (or overrides) this process's environment."""
     return subprocess.run([sys.executable, "-m", "compeffdist_ray", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **env} if env else None)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -2,7 +2,7 @@
 
 Each stage is a module with `inputs(cfg)`, `config_view(cfg)`, `run(ctx)` and `NEEDS_RAY`;
 its pure logic lives in functions that take and return rows, and `run` does the I/O and Ray.
-Later stages of the recipe (evaluate) are added here as they are built. In proxy mode
+In proxy mode
 (`filtering.proxy.enabled`) the run also goes through the stages marked `proxy_mode_only`.
 """
 
@@ -37,6 +37,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("kept_responses", "compeffdist_ray.stages.kept_responses", "the teacher answers the kept pairs only",
               proxy_mode_only=True),
     StageSpec("finetune", "compeffdist_ray.stages.finetune", "the student is fine-tuned on the kept samples"),
+    StageSpec("evaluate", "compeffdist_ray.stages.evaluate", "SentiBench for the base and distilled students"),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

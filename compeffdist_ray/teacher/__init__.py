@@ -5,8 +5,9 @@ Rows in: `key` (str) and `messages` (a JSON list of chat messages). Rows out, on
 `attempts`, `input_tokens` and `output_tokens` (summed over attempts), `finish_reason`,
 `error` (why the row failed). A parser is a module-level function `text -> value | None`.
 
-Backends: `transformers` and `openai` run inside a stateful actor (one model load or HTTP
-client per actor); `vllm` is Ray's own `ray.data.llm` processor (GPU clusters only).
+Backends: `transformers`, `openai` and `serve` run inside a stateful actor (one model load, HTTP
+client or Serve deployment handle per actor); `vllm` is Ray's own `ray.data.llm` processor (GPU
+clusters only).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def gen_params(cfg: TeacherConfig, *, max_new_tokens: int | None = None, seed: i
 
 
 def make_backend(cfg: TeacherConfig) -> ChatBackend:
-    """The in-process backend for `cfg` (transformers or openai)."""
+    """The in-process backend for `cfg` (transformers, openai, or serve: a handle to a running Serve app)."""
     if cfg.backend == "transformers":
         from compeffdist_ray.models import resolve_model
         from compeffdist_ray.teacher.transformers_backend import TransformersBackend, default_threads
@@ -74,6 +75,10 @@ def make_backend(cfg: TeacherConfig) -> ChatBackend:
             backoff_s=o.backoff_s,
             max_concurrency=o.max_concurrency,
         )
+    if cfg.backend == "serve":
+        from compeffdist_ray.teacher.serve_backend import ServeBackend
+
+        return ServeBackend(app_name=cfg.serve.app_name, model=cfg.served_model_name or cfg.model)
     raise ValueError(f"backend {cfg.backend!r} does not run in-process")
 
 
@@ -211,3 +216,11 @@ def check_backend(cfg: TeacherConfig) -> None:
             backend.probe()
         finally:
             backend.close()
+    elif cfg.backend == "serve":
+        import ray
+
+        # Without a Ray connection yet the app is looked up when the actors start (same error).
+        if ray.is_initialized():
+            from compeffdist_ray.teacher.serve_backend import get_teacher_handle
+
+            get_teacher_handle(cfg.serve.app_name)

@@ -22,6 +22,7 @@ class GenParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    top_logprobs: int = 0  # > 0: ask for that many alternatives per generated token (backends that can)
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Generation:
     output_tokens: int
     finish_reason: str  # "stop", "length" (hit max_new_tokens) or "error"
     error: str | None = None
+    # With GenParams.top_logprobs: per generated token, {token text: logprob} of its top alternatives;
+    # None when the backend was not asked or the server sent none.
+    top_logprobs: list[dict[str, float]] | None = None
 
 
 class ChatBackend(Protocol):

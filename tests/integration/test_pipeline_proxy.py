@@ -25,7 +25,8 @@ def test_proxy_mode_answers_only_seed_and_kept_pairs(ray_session, scripted_teach
         "sampling.keep_ratio=0.5"])
     statuses = run_pipeline(cfg)
     assert [s.name for s in statuses] == ["attributes", "perspectives", "tasks", "pairing", "responses", "warmup",
-                                          "difficulty", "proxy", "sampling", "kept_responses", "finetune"]
+                                          "difficulty", "proxy", "sampling", "kept_responses", "finetune",
+                                          "evaluate"]
     assert all(s.state == "done" for s in statuses)
     m = {s.name: s.manifest for s in statuses}
     rd = RunDir(cfg.run_dir)

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, ROOT, scripted_overrides
+from conftest import CONFIGS, ROOT, SHARED, scripted_overrides
 
 pytestmark = pytest.mark.integration
+SENTIBENCH = SHARED / "sentibench"
 
 
 def _cfg(base_url, run_dir, *extra):
@@ -34,9 +35,11 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     from compeffdist_ray.pipeline import run_pipeline
 
     teacher, url = scripted_teacher(fail_first=2, garbage_every=5)
-    cfg = _cfg(url, tmp_path / "run")
+    evaluate = [f"evaluate.data_dir={SENTIBENCH}", "evaluate.datasets=[sst2,atsa_rest16]", "evaluate.limit=4",
+                "evaluate.k_shot=2", "evaluate.max_new_tokens=8"] if (SENTIBENCH / "sc" / "sst2").is_dir() else []
+    cfg = _cfg(url, tmp_path / "run", *evaluate)
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 9
+    assert [s.state for s in statuses] == ["done"] * 10
     rd = RunDir(str(tmp_path / "run"))
     m = {s.name: s.manifest for s in statuses}
 
@@ -110,6 +113,24 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     assert len(rd.read_df("finetune", "history")) == ft["steps"]
     assert (tmp_path / "run" / "finetune" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
+    # SentiBench (a few rows of two datasets, when ../shared has it) for the base and the distilled student
+    ev_stats = m["evaluate"].stats
+    if evaluate:
+        assert list(ev_stats["results"]) == ["base", "distilled"]
+        assert ev_stats["models"] == {"base": "tiny-random-llama", "distilled": "finetune/model"}
+        for label in ("base", "distilled"):
+            result = json.loads((tmp_path / "run" / "evaluate" / f"{label}.json").read_text())
+            assert list(result["datasets"]) == ["sc/sst2", "absa/atsa_rest16"] and result["k"] == 2
+            assert result["datasets"]["sc/sst2"]["n"] == 4 and ev_stats["results"][label]["sc/sst2"]["n"] == 4
+            saved = tmp_path / "run" / "evaluate" / f"{label}.predictions"
+            assert sorted(p.name for p in saved.iterdir()) == ["_index.json", "absa__atsa_rest16.jsonl",
+                                                               "sc__sst2.jsonl"]
+        assert m["evaluate"].rows == 8 and m["evaluate"].tokens == {"input": 0, "output": 0}  # no teacher tokens
+        assert "| sc/sst2 " in (tmp_path / "run" / "evaluate" / "comparison.md").read_text()
+        assert not any((tmp_path / "run" / "_eval").iterdir())  # the working copies are gone
+    else:
+        assert ev_stats == {"skipped": "no evaluate.data_dir"}
+
     # token accounting adds up to what the server billed (failed 500s bill nothing)
     total_in = sum(x.tokens["input"] for x in m.values())
     total_out = sum(x.tokens["output"] for x in m.values())
@@ -124,7 +145,9 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     # 5 difficulty histograms, perspective sizes, class balance, the loss curves
     assert page.count('src="data:image/png;base64,') == 8
     assert 'src="http' not in page and 'href="http' not in page and "<script" not in page
-    assert "9 of 9 stages have output" in page and f"{total_in:,} in, {total_out:,} out" in page
+    assert "10 of 10 stages have output" in page and f"{total_in:,} in, {total_out:,} out" in page
+    if evaluate:
+        assert "<th>distilled</th>" in page and "first 4 test rows of each dataset" in page
 
     # a second run skips everything: no request reaches the teacher
     before = teacher.requests
@@ -247,7 +270,7 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
     status = subprocess.run([sys.executable, "-m", "compeffdist_ray", "status", str(run_dir)], capture_output=True,
                             text=True, cwd=ROOT, timeout=120)
     assert status.returncode == 0
-    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:11]}
+    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:12]}
     assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing", "responses",
                                                 "warmup", "difficulty", "sampling",
-                                                "finetune"))
+                                                "finetune", "evaluate"))

@@ -29,7 +29,7 @@ def test_tiny_random_teacher_runs_until_tasks_then_stops_cleanly(ray_session, al
     states = {s.name: s.state for s in stage_statuses(rd, cfg)}
     assert states == {"attributes": "done", "perspectives": "done", "tasks": "incomplete", "pairing": "waiting",
                       "responses": "waiting", "warmup": "waiting", "difficulty": "waiting", "sampling": "waiting",
-                      "finetune": "waiting"}
+                      "finetune": "waiting", "evaluate": "waiting"}
     attrs = rd.read_manifest("attributes")
     gens = rd.read_df("attributes", "generations")
     assert len(gens) == cfg.attributes.num_texts and gens["key"].is_unique

@@ -30,7 +30,7 @@ def test_answers_file_is_scored_and_sampled_without_a_teacher(ray_session, tmp_p
     statuses = run_pipeline(cfg)
     assert [(s.name, s.state) for s in statuses] == [("responses", "done"), ("warmup", "done"),
                                                      ("difficulty", "done"), ("sampling", "done"),
-                                                     ("finetune", "done")]
+                                                     ("finetune", "done"), ("evaluate", "done")]
     m = {s.name: s.manifest for s in statuses}
     assert m["responses"].rows == 24 and m["responses"].dropped == {"empty_text": 1}
     assert m["responses"].tokens == {"input": 0, "output": 0}

@@ -20,7 +20,7 @@ def test_smollm2_stages_attributes_to_finetune(ray_session, tmp_path):
         "warmup.num_samples=8", "finetune.max_steps=2",  # two steps each: the trainer is tested on its own
     ])
     statuses = run_pipeline(cfg)
-    assert [s.state for s in statuses] == ["done"] * 9
+    assert [s.state for s in statuses] == ["done"] * 10
     rd = RunDir(cfg.run_dir)
     m = {s.name: s.manifest for s in statuses}
     attrs = rd.read_df("attributes", "attribute_counts")
@@ -59,3 +59,4 @@ def test_smollm2_stages_attributes_to_finetune(ray_session, tmp_path):
     answer = gen[0, ids["input_ids"].shape[1]:]
     assert len(answer) >= 1 and isinstance(tok.decode(answer, skip_special_tokens=True), str)
     assert m["finetune"].stats["loss_last"] > 0 and m["finetune"].stats["steps"] == 2
+    assert m["evaluate"].stats == {"skipped": "no evaluate.data_dir"}  # the embedded default has no SentiBench

@@ -13,7 +13,7 @@ def test_a_run_with_no_stage_done_still_reports(tmp_path):
 
     (tmp_path / "config.yaml").write_text(dump_config(load_config(None, [f"run_dir={tmp_path}"])))
     page = open(write_report(str(tmp_path)), encoding="utf-8").read()
-    assert "0 of 9 stages have output" in page and page.count('class="state-') == 9
+    assert "0 of 10 stages have output" in page and page.count('class="state-') == 10
     assert "This run has no evaluation yet" in page and "<h2>Difficulty" not in page
 
 

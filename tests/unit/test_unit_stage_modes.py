@@ -16,17 +16,17 @@ from compeffdist_ray.stages import active_stage_names, load_stage_module
 
 def test_default_order_then_proxy_mode_then_answers_file(tmp_path):
     assert active_stage_names(load_config(None, [])) == (
-        "attributes", "perspectives", "tasks", "pairing", "responses", "warmup", "difficulty", "sampling", "finetune")
+        "attributes", "perspectives", "tasks", "pairing", "responses", "warmup", "difficulty", "sampling", "finetune", "evaluate")
     proxy = load_config(None, ["filtering.proxy.enabled=true"])
     assert active_stage_names(proxy) == (
         "attributes", "perspectives", "tasks", "pairing", "responses", "warmup", "difficulty", "proxy", "sampling",
-        "kept_responses", "finetune")
+        "kept_responses", "finetune", "evaluate")
     assert load_stage_module("sampling").inputs(proxy) == ("proxy",)
     assert load_stage_module("sampling").inputs(load_config(None, [])) == ("difficulty",)
     f = tmp_path / "a.jsonl"
     f.write_text(json.dumps({"instruction": "i", "text": "t", "response": "r"}) + "\n")
     own = load_config(None, [f"responses.file={f}"])
-    assert active_stage_names(own) == ("responses", "warmup", "difficulty", "sampling", "finetune")
+    assert active_stage_names(own) == ("responses", "warmup", "difficulty", "sampling", "finetune", "evaluate")
     assert load_stage_module("responses").inputs(own) == ()
     with pytest.raises(ConfigError, match="filtering.proxy.enabled: proxy mode .* set one or the other"):
         load_config(None, [f"responses.file={f}", "filtering.proxy.enabled=true"])
