@@ -218,6 +218,11 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> pathlib.Pa
         lock.release()
 
 
+def _a(word: str) -> str:
+    """`word` with its indefinite article ("an embedding", "a causal_lm")."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def resolve_model(name: str, *, kind: str = "causal_lm", pull_missing: bool = True) -> str:
     """Turn what a user wrote as a model into something ``from_pretrained`` accepts.
 
@@ -238,7 +243,7 @@ def resolve_model(name: str, *, kind: str = "causal_lm", pull_missing: bool = Tr
         if spec.kind != kind:
             wanted = [a for a, s in ALIASES.items() if s.kind == kind]
             raise UserError(
-                f"model alias '{value}' is a {spec.kind} model but a {kind} model is needed here; "
+                f"model alias '{value}' is {_a(spec.kind)} model but {_a(kind)} model is needed here; "
                 f"{kind} aliases: {', '.join(wanted)}"
             )
         if spec.builder == "package_dir":

@@ -88,6 +88,49 @@ class ScriptedTeacher:
         }
 
 
+def start_json_server(handle) -> tuple[ThreadingHTTPServer, str]:
+    """An HTTP server on 127.0.0.1 (random port, own thread) answering JSON: `handle(method, path,
+    body, headers)` returns (status, payload); a POST body that is not JSON gets 400. Returns
+    (server, base URL ending in /v1); stop it with shutdown() and server_close()."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, method: str):
+            body = None
+            if method == "POST":
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length))
+                except ValueError as exc:
+                    return self._send(400, {"error": {"message": str(exc)}})
+            try:
+                status, payload = handle(method, self.path, body, self.headers)
+            except (ValueError, KeyError) as exc:
+                status, payload = 400, {"error": {"message": str(exc)}}
+            self._send(status, payload)
+
+        def _send(self, status: int, payload: dict):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._answer("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._answer("POST")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
 @pytest.fixture
 def scripted_teacher():
     """Start a ScriptedTeacher on 127.0.0.1 (random port); yields (teacher, base_url)."""
@@ -95,30 +138,9 @@ def scripted_teacher():
 
     def start(**kwargs):
         teacher = ScriptedTeacher(**kwargs)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    body = json.loads(self.rfile.read(length))
-                    status, payload = teacher.handle(body, self.headers)
-                except (ValueError, KeyError) as exc:
-                    status, payload = 400, {"error": {"message": str(exc)}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server, url = start_json_server(lambda method, path, body, headers: teacher.handle(body, headers))
         servers.append(server)
-        return teacher, f"http://127.0.0.1:{server.server_address[1]}/v1"
+        return teacher, url
 
     yield start
     for server in servers:

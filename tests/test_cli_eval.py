@@ -42,7 +42,7 @@ def test_test_file_that_is_not_json_names_file_and_line(tmp_path):
 def test_encoder_model_is_refused(tmp_path):
     sst2(tmp_path)
     assert_one_line_error(cli("eval", "--model", "all-minilm-l6-v2", "--data-dir", str(tmp_path)),
-                          "model alias 'all-minilm-l6-v2' is a embedding model but a causal_lm model is needed")
+                          "model alias 'all-minilm-l6-v2' is an embedding model but a causal_lm model is needed")
     from compeffdist_ray.models import resolve_model
 
     encoder_dir = resolve_model("all-minilm-l6-v2", kind="embedding")

@@ -252,7 +252,7 @@ def test_embedding_alias_missing_package(monkeypatch):
 def test_alias_of_wrong_kind_is_refused(tmp_cache):
     with pytest.raises(UserError, match="embedding model but a causal_lm model is needed"):
         resolve_model("all-minilm-l6-v2")
-    with pytest.raises(UserError, match="causal_lm model but a embedding model is needed"):
+    with pytest.raises(UserError, match="causal_lm model but an embedding model is needed"):
         resolve_model("tiny-random-llama", kind="embedding")
     assert not (tmp_cache / "models").exists()
 

@@ -147,16 +147,10 @@ def llm_config_kwargs(teacher, serve, model_source: str) -> dict:
     The engine settings are the pipeline's vLLM backend's (`teacher.vllm`, `teacher.dtype`); the
     replicas and their request cap are the serve section's.
     """
+    from compeffdist_ray.teacher.vllm_backend import vllm_engine_kwargs
+
     v = teacher.vllm
-    engine_kwargs: dict[str, Any] = {
-        "tensor_parallel_size": v.tensor_parallel_size,
-        "pipeline_parallel_size": v.pipeline_parallel_size,
-        "max_model_len": v.max_model_len,
-        "gpu_memory_utilization": v.gpu_memory_utilization,
-    }
-    if teacher.dtype != "auto":
-        engine_kwargs["dtype"] = teacher.dtype
-    engine_kwargs.update(v.engine_kwargs)
+    engine_kwargs = vllm_engine_kwargs(teacher)
     out: dict[str, Any] = {
         "model_loading_config": {"model_id": served_model_id(teacher), "model_source": model_source},
         "engine_kwargs": engine_kwargs,

@@ -13,12 +13,12 @@ from compeffdist_ray.config import TeacherConfig
 from compeffdist_ray.errors import require
 from compeffdist_ray.teacher.base import GenParams
 
-__all__ = ["build_vllm_config", "build_vllm_processor"]
+__all__ = ["build_vllm_config", "build_vllm_processor", "vllm_engine_kwargs"]
 
 
-def build_vllm_config(cfg: TeacherConfig, model_source: str):
-    """The `vLLMEngineProcessorConfig` for `cfg` (builds without vLLM installed)."""
-    llm = require("ray.data.llm", package="ray[llm]", extra="gpu", purpose="the vllm teacher backend")
+def vllm_engine_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
+    """vLLM engine arguments of the teacher (`teacher.vllm`, `teacher.dtype`): the same for the
+    pipeline's Ray Data processor and for the teacher served with Ray Serve LLM."""
     v = cfg.vllm
     engine_kwargs: dict[str, Any] = {
         "tensor_parallel_size": v.tensor_parallel_size,
@@ -29,9 +29,15 @@ def build_vllm_config(cfg: TeacherConfig, model_source: str):
     if cfg.dtype != "auto":
         engine_kwargs["dtype"] = cfg.dtype
     engine_kwargs.update(v.engine_kwargs)
+    return engine_kwargs
+
+
+def build_vllm_config(cfg: TeacherConfig, model_source: str):
+    """The `vLLMEngineProcessorConfig` for `cfg` (builds without vLLM installed)."""
+    llm = require("ray.data.llm", package="ray[llm]", extra="gpu", purpose="the vllm teacher backend")
     kwargs: dict[str, Any] = dict(
         model_source=model_source,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=vllm_engine_kwargs(cfg),
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
         should_continue_on_error=True,  # a bad row is counted and dropped, never fails the stage

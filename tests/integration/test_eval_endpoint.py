@@ -8,14 +8,12 @@ prompt's last sentence, so the expected predictions are known); the served teach
 
 from __future__ import annotations
 
-import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import SHARED
+from conftest import SHARED, start_json_server
 
 pytestmark = pytest.mark.integration
 
@@ -84,31 +82,10 @@ def rule_server():
 
     def start(logprobs: bool):
         state = RuleServer(logprobs)
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802
-                self._reply(*state.handle("GET", self.path, None, self.headers.get("Authorization")))
-
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                self._reply(*state.handle("POST", self.path, body, self.headers.get("Authorization")))
-
-            def log_message(self, *args):
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server, url = start_json_server(
+            lambda method, path, body, headers: state.handle(method, path, body, headers.get("Authorization")))
         servers.append(server)
-        return state, f"http://127.0.0.1:{server.server_address[1]}/v1"
+        return state, url
 
     yield start
     for server in servers:
