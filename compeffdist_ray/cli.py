@@ -398,6 +398,11 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: torch's CPU threads in this process and in
+    # the local Ray workers it starts (they inherit the environment) then give their cores to
+    # whatever else runs, which on a shared machine made each model step 3-5x slower
+    # (benchmarks/README.md, serving). Set OMP_WAIT_POLICY yourself to choose otherwise.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     # Overrides may stand before or after options (`stage tasks --config F a.b=1`): argparse
     # leaves the later ones unparsed, so they are collected here.

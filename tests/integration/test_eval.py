@@ -161,9 +161,6 @@ def test_eval_cli_and_ray_path_give_identical_metrics(ray_session, tmp_path):
     (saved / "_index.json").write_text(json.dumps(index))
     redone = run_eval(cfg, predictions_dir=saved)
     assert redone["reused_predictions"] == ["absa/atsa_rest16"] and _metrics(redone) == _metrics(result)
-    # ... nor those made with other options (the answer limit is part of every dataset's fingerprint)
-    longer = run_eval(EvalConfig(**{**cfg.__dict__, "max_new_tokens": 13}), predictions_dir=saved)
-    assert longer["reused_predictions"] == []
     # a different batch size changes nothing either (left padding, per-row positions)
     other = run_eval(EvalConfig(model="tiny-random-llama", data_dir=str(DATA), datasets=("sst2",),
                                 limit=6, k_shot=2, batch_size=1))

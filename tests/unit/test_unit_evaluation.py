@@ -454,3 +454,33 @@ def test_eval_config_collects_every_problem_and_names_the_output():
     assert cfg.datasets == ("sst2", "atsa_rest16")
     assert default_out_path(cfg) == "eval-my_student-k8-seed42-limit50.json"
     assert default_out_path(EvalConfig(model="org/name", data_dir="d", seed=1)) == "eval-name-k8-seed1.json"
+
+
+def test_saved_predictions_count_only_with_the_same_fingerprint_and_every_key(tmp_path):
+    from compeffdist_ray.eval_runner import EvalConfig, PredictionStore, dataset_fingerprint, model_identity
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    model = model_identity(str(tmp_path / "m"))
+    cfg = EvalConfig(model="m", data_dir="d")
+    rows = [{"key": f"sc/sst2|{i}", "mode": "score", "prompt": f"p{i}", "candidates": "[1, 2]"} for i in range(3)]
+    fp = dataset_fingerprint(cfg, model, rows)
+    assert fp == dataset_fingerprint(EvalConfig(model="m", data_dir="d", batch_size=32), model, rows)  # speed only
+    for changed in (EvalConfig(model="m", data_dir="d", max_new_tokens=13), EvalConfig(model="m", data_dir="d",
+                                                                                       dtype="bfloat16")):
+        assert dataset_fingerprint(changed, model, rows) != fp
+    assert dataset_fingerprint(cfg, model, rows[:2] + [{**rows[2], "prompt": "other"}]) != fp
+    (tmp_path / "m" / "config.json").write_text('{"vocab_size": 3}')  # other weights or config: other model
+    assert dataset_fingerprint(cfg, model_identity(str(tmp_path / "m")), rows) != fp
+    assert model_identity("org/name") == {"id": "org/name"}
+
+    store = PredictionStore(tmp_path / "preds")
+    keys = [r["key"] for r in rows]
+    assert store.load("sc/sst2", fp, keys) is None
+    outputs = [{"key": k, "pred": 1} for k in keys]
+    store.save("sc/sst2", fp, outputs)
+    assert store.load("sc/sst2", fp, keys) == {o["key"]: o for o in outputs}
+    assert store.load("sc/sst2", "other", keys) is None  # made by something else
+    assert store.load("sc/sst2", fp, keys + ["sc/sst2|3"]) is None  # does not cover the rows asked for
+    (tmp_path / "preds" / "sc__sst2.jsonl").write_text('{"key": "sc/sst2|0"}\n{broken')  # a damaged file
+    assert store.load("sc/sst2", fp, keys) is None
