@@ -203,6 +203,13 @@ def _stage_note(name: str, stats: dict) -> str | None:
         if name == "sampling":
             r = stats["report"]
             return f"kept {r['rows_after']:,} of {r['rows_before']:,} ({stats.get('warnings') and 'with warnings' or 'no warnings'})"
+        if name == "evaluate":
+            if stats.get("skipped"):
+                return f"skipped ({stats['skipped']}; set evaluate.data_dir to a SentiBench copy)"
+            means = ", ".join(f"{m} {100 * v:.1f}" for m, v in stats["mean_f1"].items() if v is not None)
+            rows = f"first {stats['limit']} test rows" if stats.get("limit") else "full test sets"
+            return (f"SentiBench mean F1 x100 {means} over {len(next(iter(stats['results'].values())))} dataset(s) "
+                    f"(k={stats['k']}, {rows}; table in evaluate/comparison.md)")
         if name == "kept_responses":
             t = stats["teacher"]
             spent = t["answer_tokens_spent"]["input"] + t["answer_tokens_spent"]["output"]

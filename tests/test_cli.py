@@ -224,3 +224,14 @@ def test_bad_training_settings(tmp_path, override, message):
     proc = cli("run", "--run-dir", str(tmp_path / "r"), override)
     assert_one_line_error(proc, message)
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_status_notes_for_the_evaluate_stage():
+    from compeffdist_ray.cli import _stage_note
+
+    assert _stage_note("evaluate", {"skipped": "no evaluate.data_dir"}) == (
+        "skipped (no evaluate.data_dir; set evaluate.data_dir to a SentiBench copy)")
+    stats = {"mean_f1": {"base": 0.412, "distilled": 0.4306}, "k": 8, "limit": 100,
+             "results": {"base": {"sc/sst2": {}, "absa/atsa_rest16": {}}, "distilled": {}}}
+    assert _stage_note("evaluate", stats) == ("SentiBench mean F1 x100 base 41.2, distilled 43.1 over 2 dataset(s) "
+                                              "(k=8, first 100 test rows; table in evaluate/comparison.md)")
