@@ -43,3 +43,15 @@ def test_every_stage_module_declares_its_contract_and_reads_only_earlier_stages(
 def test_nothing_from_shared_is_committed():
     files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()
     assert not [f for f in files if re.search(r"sentibench|compeffdist_ref|attr_list\.json|sampled_.*_input", f)]
+
+
+def test_no_undefined_or_unused_names():
+    """pyflakes rules (ruff F): an undefined name in a rarely-run branch fails here, not on a GPU cluster."""
+    import shutil
+
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is part of the test extra: python3 -m pip install -e '.[test]'"
+    out = subprocess.run([ruff, "check", "--select", "F", "--output-format", "concise", "--no-cache",
+                          "compeffdist_ray", "tests", "benchmarks", "jobs"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -194,7 +194,7 @@ def validate_chat(body: Any, limits: Limits, defaults: GenDefaults, model_id: st
     if max_tokens is None:
         max_tokens = defaults.max_tokens
     elif not _is_int(max_tokens) or max_tokens < 1:
-        raise unprocessable(f"'max_tokens' must be a positive integer, got "
+        raise unprocessable("'max_tokens' must be a positive integer, got "
                             + (repr(max_tokens) if _is_int(max_tokens) else _type_name(max_tokens)))
     elif max_tokens > limits.max_tokens:
         raise unprocessable(f"'max_tokens' is {max_tokens}; at most {limits.max_tokens} are accepted "

@@ -44,8 +44,8 @@ def build_vllm_config(cfg: TeacherConfig, model_source: str):
     )
     if cfg.chat_template_kwargs:
         kwargs["chat_template_stage"] = {"enabled": True, "chat_template_kwargs": dict(cfg.chat_template_kwargs)}
-    if v.accelerator_type:
-        kwargs["accelerator_type"] = v.accelerator_type
+    if cfg.vllm.accelerator_type:
+        kwargs["accelerator_type"] = cfg.vllm.accelerator_type
     return llm.vLLMEngineProcessorConfig(**kwargs)
 
 

@@ -306,7 +306,7 @@ def test_dump_config_round_trips_non_default_values():
 def _all_leaf_paths(cls=Config, prefix=""):
     for f in dataclasses.fields(cls):
         where = f"{prefix}.{f.name}" if prefix else f.name
-        tp = cls.__dataclass_fields__[f.name].type
+        cls.__dataclass_fields__[f.name].type
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             yield from _all_leaf_paths(type(default), where)
