@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage in order, skipping finished ones")
     _config_options(p)
     p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
+    p.add_argument("--until", metavar="STAGE", choices=[s.name for s in STAGES],
+                   help="stop after this stage (e.g. --until pairing to look at the pairs before paying for answers)")
 
     stage_list = "; ".join(f"{s.name}: {s.summary}" for s in STAGES)
     p = sub.add_parser("stage", help="run one stage", description=f"Stages: {stage_list}.")
@@ -322,7 +324,7 @@ def _cmd_run(args) -> int:
 
     cfg = _load(args)
     if args.command == "run":
-        statuses = run_pipeline(cfg, force=args.force)
+        statuses = run_pipeline(cfg, force=args.force, until=args.until)
     else:
         run_one_stage(cfg, args.name, force=args.force)
         statuses = stage_statuses(RunDir(cfg.run_dir), cfg)

@@ -148,14 +148,20 @@ def _open_run(cfg: Config) -> RunDir:
     return rd
 
 
-def run_pipeline(cfg: Config, *, force: bool = False) -> list[StageStatus]:
-    """Every stage in order: finished ones skipped, the rest (re)done."""
+def run_pipeline(cfg: Config, *, force: bool = False, until: str | None = None) -> list[StageStatus]:
+    """Every stage in order (through `until` when given): finished ones skipped, the rest (re)done."""
+    names = list(active_stage_names(cfg))
+    if until is not None:
+        if until not in names:
+            get_stage(until)  # an unknown name gets the list of stages
+            raise UserError(f"--until {until}: that stage is not part of this run (it has: {', '.join(names)})")
+        names = names[:names.index(until) + 1]
     rd = RunDir(cfg.run_dir)
-    todo = [s.name for s in stage_statuses(rd, cfg) if force or s.state != "done"]
+    todo = [s.name for s in stage_statuses(rd, cfg) if s.name in names and (force or s.state != "done")]
     preflight(cfg, todo)
     rd = _open_run(cfg)
     done: dict[str, bool] = {}
-    for name in active_stage_names(cfg):
+    for name in names:
         st = _status(rd, cfg, name, done)
         if st.state == "done" and not force:
             log.info("%s: already done (rows %d), skipped", name, st.manifest.rows if st.manifest else 0)

@@ -70,6 +70,15 @@ def test_bad_usage_is_one_line_exit_2():
     assert_one_line_error(cli("run", "not-an-override"), "key.path=value")
 
 
+def test_until_must_name_a_stage_of_this_run(tmp_path):
+    assert_one_line_error(cli("run", "--until", "nonsense"), "argument --until: invalid choice: 'nonsense'")
+    data = _answers(tmp_path / "answers.jsonl", ANSWERS)  # answers from a file: the run starts at responses
+    proc = cli("run", "--run-dir", str(tmp_path / "r"), "--until", "pairing", f"responses.file={data}")
+    assert_one_line_error(proc, "--until pairing: that stage is not part of this run",
+                          "(it has: responses, warmup, difficulty")
+    assert not (tmp_path / "r").exists()
+
+
 def test_stage_with_missing_inputs_names_them(tmp_path):
     proc = cli("stage", "tasks", "--config", str(CONFIGS / "tiny-test.yaml"), "--run-dir", str(tmp_path / "r"))
     assert_one_line_error(proc, "stage 'tasks' needs perspectives (waiting)", "compeffdist stage perspectives")

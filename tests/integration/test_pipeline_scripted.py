@@ -155,10 +155,12 @@ def test_stages_1_to_4_with_retries_drops_tokens_and_skips(ray_session, scripted
     assert teacher.requests == before
     assert [s.manifest.output_id for s in again] == [x.output_id for x in m.values()]
 
-    # a changed task setting redoes tasks and pairing only
+    # a changed task setting redoes tasks and what follows them (here through sampling), never attributes
     cfg2 = _cfg(url, tmp_path / "run", "tasks.num_demonstrations=2")
     kinds_before = dict(teacher.kinds)
-    third = {s.name: s.manifest for s in run_pipeline(cfg2)}
+    third_st = run_pipeline(cfg2, until="sampling")
+    assert [s.state for s in third_st] == ["done"] * 8 + ["stale"] * 2  # finetune and evaluate: left as they were
+    third = {s.name: s.manifest for s in third_st}
     assert teacher.kinds["attributes"] == kinds_before["attributes"]
     assert third["attributes"].output_id == m["attributes"].output_id
     assert third["perspectives"].output_id == m["perspectives"].output_id
@@ -175,7 +177,10 @@ def test_attribute_matched_pairing(ray_session, scripted_teacher, tmp_path):
     _, url = scripted_teacher()
     cfg = _cfg(url, tmp_path / "run", "pairing.method=attribute", "pairing.num_texts=300",
                "attributes.num_texts=30")
-    run_pipeline(cfg)
+    states = {s.name: s.state for s in run_pipeline(cfg, until="pairing")}
+    assert states == {"attributes": "done", "perspectives": "done", "tasks": "done", "pairing": "done",
+                      "responses": "missing", **dict.fromkeys(["warmup", "difficulty", "sampling", "finetune",
+                                                               "evaluate"], "waiting")}
     rd = RunDir(str(tmp_path / "run"))
     pairs = rd.read_df("pairing", "pairs")
     attrs = rd.read_df("attributes", "attributes")
@@ -253,12 +258,13 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
 
     attr_requests = teacher.kinds["attributes"]
     teacher.task_delay_s = 0
-    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(args + ["--until", "pairing"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "attributes: already done" in rerun.stderr and "perspectives: already done" in rerun.stderr
     assert "tasks: a previous run stopped half-way: redoing" in rerun.stderr
+    assert "responses: running" not in rerun.stderr  # --until pairing stops there
     assert f"report: {run_dir / 'report.html'}" in rerun.stdout  # `run` ends with the run report
-    assert "<h2>Training" in (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "4 of 10 stages have output" in (run_dir / "report.html").read_text(encoding="utf-8")
     assert teacher.kinds["attributes"] == attr_requests
     assert manifest("attributes")["output_id"] == first_attr and manifest("perspectives")["output_id"] == first_persp
     tasks = pd.read_parquet(run_dir / "tasks" / "tasks.parquet")
@@ -271,6 +277,5 @@ def test_killed_during_tasks_then_rerun_redoes_only_tasks(scripted_teacher, tmp_
                             text=True, cwd=ROOT, timeout=120)
     assert status.returncode == 0
     lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines()[2:12]}
-    assert all(lines[s][1] == "done" for s in ("attributes", "perspectives", "tasks", "pairing", "responses",
-                                                "warmup", "difficulty", "sampling",
-                                                "finetune", "evaluate"))
+    assert [lines[s][1] for s in ("attributes", "perspectives", "tasks", "pairing", "responses", "warmup",
+                                  "difficulty")] == ["done"] * 4 + ["missing", "waiting", "waiting"]

@@ -16,7 +16,8 @@ def test_smollm2_stages_attributes_to_finetune(ray_session, tmp_path):
 
     cfg = load_config(CONFIGS / "local-demo.yaml", [
         f"run_dir={tmp_path / 'run'}", "attributes.num_texts=10", "tasks.max_perspectives=2",
-        "tasks.tasks_per_perspective=2", "tasks.num_demonstrations=2", "pairing.num_texts=30",
+        "tasks.tasks_per_perspective=2", "tasks.num_demonstrations=2", "pairing.num_texts=20",
+        "responses.max_new_tokens=48",
         "warmup.num_samples=8", "finetune.max_steps=2",  # two steps each: the trainer is tested on its own
     ])
     statuses = run_pipeline(cfg)
@@ -33,9 +34,9 @@ def test_smollm2_stages_attributes_to_finetune(ray_session, tmp_path):
         assert all(d["output"].strip() for d in t.demonstrations)
     assert m["tasks"].tokens["input"] > 0
     pairs = rd.read_df("pairing", "pairs")
-    assert len(pairs) == 30
+    assert len(pairs) == 20
     responses = rd.read_df("responses", "responses")
-    assert len(responses) >= 20 and responses["response"].str.strip().str.len().gt(0).all()
+    assert len(responses) >= 14 and responses["response"].str.strip().str.len().gt(0).all()
     assert m["responses"].tokens["output"] == int(rd.read_df("responses", "generations")["output_tokens"].sum()) > 0
     warm = m["warmup"].stats
     untruncated = int((~responses["truncated"]).sum())
