@@ -28,3 +28,13 @@ def require(module: str, *, package: str | None = None, extra: str | None = None
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(package or module.split(".")[0], extra, purpose) from exc
+
+
+def parse_json(text: str, where: object):
+    """`json.loads(text)`, or a UserError naming `where` (a file) and the line and column at fault."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from compeffdist_ray.errors import UserError
+from compeffdist_ray.errors import UserError, parse_json
 from compeffdist_ray.parsing import extract_json
 
 __all__ = [
@@ -128,10 +128,7 @@ def read_json_array(path: str | os.PathLike) -> list:
             text = fh.read()
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    value = parse_json(text, path)
     if not isinstance(value, list):
         raise UserError(f"{path} must hold one JSON array of records, got a JSON {type(value).__name__}")
     return value
@@ -819,11 +816,10 @@ def load_result(path: str | os.PathLike) -> dict:
     """A result file written by ``compeffdist eval``; UserError if it is not one."""
     try:
         with open(path, encoding="utf-8-sig") as fh:
-            result = json.load(fh)
+            text = fh.read()
     except FileNotFoundError as exc:
         raise UserError(f"result file not found: {path}") from exc
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    result = parse_json(text, path)
     blocks = result.get("datasets") if isinstance(result, dict) else None
     if not isinstance(blocks, dict) or not all(isinstance(b, dict) and "kind" in b and "metrics" in b
                                                for b in blocks.values()):

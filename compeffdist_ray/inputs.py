@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from compeffdist_ray.config import BUILTIN_CORPUS, InputConfig
-from compeffdist_ray.errors import UserError
+from compeffdist_ray.errors import UserError, parse_json
 
 __all__ = ["Corpus", "read_corpus", "read_records", "file_digest", "resolve_input_path", "text_id_of"]
 
@@ -122,10 +122,7 @@ def _read_records(fs, path: str, fmt: str, display: str):
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise UserError(f"cannot read {display} as CSV: {str(exc).splitlines()[0]}") from None
     if fmt == "json":
-        try:
-            data = json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{display} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        data = parse_json(content, display)
         if isinstance(data, dict):  # {"key": [texts...]} layouts: flatten the lists
             lists = [v for v in data.values() if isinstance(v, list)]
             if not lists:

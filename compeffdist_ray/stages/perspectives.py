@@ -14,14 +14,13 @@ Needs: CPU (sentence-transformers embeddings; scikit-learn affinity propagation)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import resource
 import time
 from dataclasses import asdict
 
-from compeffdist_ray.errors import UserError
+from compeffdist_ray.errors import UserError, parse_json
 from compeffdist_ray.stages._common import StageContext, StageFailed, StageOutput
 
 log = logging.getLogger("compeffdist_ray")
@@ -61,10 +60,7 @@ def read_attribute_list(path: str):
     with open(path, encoding="utf-8-sig") as f:
         content = f.read()
     if path.lower().endswith(".json"):
-        try:
-            data = json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        data = parse_json(content, path)
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of attributes")
         items = []

@@ -79,6 +79,24 @@ def test_json_object_without_lists_rejected(tmp_path):
         _read(p)
 
 
+def test_broken_json_names_the_file_line_and_column(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('[{"text": "fine"},\n {"text": "cut off"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"c\.json is not valid JSON: Expecting ',' delimiter at line 3, column 1$"):
+        _read(p)
+    p.write_text('["a", "b"]\n', encoding="utf-8")
+    assert list(_read(p).df["text"]) == ["a", "b"]
+
+
+def test_broken_attribute_list_names_the_file_and_line(tmp_path):
+    from compeffdist_ray.stages.perspectives import read_attribute_list
+
+    p = tmp_path / "attrs.json"
+    p.write_text('["price",\n "service" "food"]', encoding="utf-8")
+    with pytest.raises(UserError, match=r"attrs\.json is not valid JSON: Expecting ',' delimiter at line 2, column 12"):
+        read_attribute_list(str(p))
+
+
 def test_csv(tmp_path):
     p = tmp_path / "c.csv"
     p.write_text('id,text,other\n10,"Hello, world",x\n11,plain,y\n', encoding="utf-8")
