@@ -132,20 +132,30 @@ def start_json_server(handle) -> tuple[ThreadingHTTPServer, str]:
 
 
 @pytest.fixture
-def scripted_teacher():
-    """Start a ScriptedTeacher on 127.0.0.1 (random port); yields (teacher, base_url)."""
+def json_servers():
+    """`start(handle) -> base_url`: start_json_server, each server stopped when the test ends."""
     servers = []
 
-    def start(**kwargs):
-        teacher = ScriptedTeacher(**kwargs)
-        server, url = start_json_server(lambda method, path, body, headers: teacher.handle(body, headers))
+    def start(handle) -> str:
+        server, url = start_json_server(handle)
         servers.append(server)
-        return teacher, url
+        return url
 
     yield start
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def scripted_teacher(json_servers):
+    """Start a ScriptedTeacher on 127.0.0.1 (random port); yields (teacher, base_url)."""
+
+    def start(**kwargs):
+        teacher = ScriptedTeacher(**kwargs)
+        return teacher, json_servers(lambda method, path, body, headers: teacher.handle(body, headers))
+
+    return start
 
 
 @pytest.fixture(scope="session")

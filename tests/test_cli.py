@@ -146,9 +146,12 @@ def test_status_reports_done_stale_and_incomplete(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["compeffdist_ray", "compeffdist_ray.config", "compeffdist_ray.cli",
-                                    "compeffdist_ray.pipeline", "compeffdist_ray.models"])
+                                    "compeffdist_ray.pipeline", "compeffdist_ray.models",
+                                    "compeffdist_ray.serving", "compeffdist_ray.serving.auth",
+                                    "compeffdist_ray.serving.protocol", "compeffdist_ray.serving.web",
+                                    "compeffdist_ray.serving.deploy", "compeffdist_ray.teacher.serve_backend"])
 def test_import_is_light(module):
-    code = (f"import sys, {module}; heavy = [m for m in ('torch', 'ray', 'transformers', 'vllm', "
+    code = (f"import sys, {module}; heavy = [m for m in ('torch', 'ray', 'transformers', 'vllm', 'fastapi', "
             "'sentence_transformers', 'deepspeed') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

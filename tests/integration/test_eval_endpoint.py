@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import SHARED, start_json_server
+from conftest import SHARED
 
 pytestmark = pytest.mark.integration
 
@@ -77,20 +77,13 @@ class RuleServer:
 
 
 @pytest.fixture
-def rule_server():
-    servers = []
-
+def rule_server(json_servers):
     def start(logprobs: bool):
         state = RuleServer(logprobs)
-        server, url = start_json_server(
+        return state, json_servers(
             lambda method, path, body, headers: state.handle(method, path, body, headers.get("Authorization")))
-        servers.append(server)
-        return state, url
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 def expected_sst2(limit: int) -> tuple[list[str], list[str]]:
