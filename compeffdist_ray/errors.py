@@ -38,3 +38,15 @@ def parse_json(text: str, where: object):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+
+
+def read_json_file(path, what: str = "file"):
+    """A UTF-8 (BOM allowed) JSON file's value; a UserError for a missing, undecodable or broken file."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_json(text, path)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from compeffdist_ray.errors import UserError, parse_json
+from compeffdist_ray.errors import UserError, read_json_file
 from compeffdist_ray.parsing import extract_json
 
 __all__ = [
@@ -123,12 +123,7 @@ class EvalDataset:
 
 def read_json_array(path: str | os.PathLike) -> list:
     """A SentiBench file (UTF-8, BOM allowed) as a list; UserError with the line on bad JSON."""
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            text = fh.read()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    value = parse_json(text, path)
+    value = read_json_file(path, "SentiBench file")
     if not isinstance(value, list):
         raise UserError(f"{path} must hold one JSON array of records, got a JSON {type(value).__name__}")
     return value
@@ -814,12 +809,7 @@ def compare_table(results: Sequence[dict], names: Sequence[str]) -> str:
 
 def load_result(path: str | os.PathLike) -> dict:
     """A result file written by ``compeffdist eval``; UserError if it is not one."""
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            text = fh.read()
-    except FileNotFoundError as exc:
-        raise UserError(f"result file not found: {path}") from exc
-    result = parse_json(text, path)
+    result = read_json_file(path, "result file")
     blocks = result.get("datasets") if isinstance(result, dict) else None
     if not isinstance(blocks, dict) or not all(isinstance(b, dict) and "kind" in b and "metrics" in b
                                                for b in blocks.values()):
