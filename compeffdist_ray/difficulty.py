@@ -80,6 +80,8 @@ or benchmark rows, but it is why agreement on ``rank_score`` is exact only almos
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import math
 import weakref
 from collections.abc import Mapping, Sequence
@@ -92,6 +94,7 @@ __all__ = [
     "INPUT_COLUMNS",
     "METRIC_COLUMNS",
     "EncodedRow",
+    "cache_kwargs",
     "common_prefix_len",
     "encode_row",
     "expand_cache",
@@ -438,6 +441,17 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def cache_kwargs(module, cache) -> dict:
+    """The keyword a transformers forward takes its KV cache by: ``cache`` from transformers 5.2x
+    on, ``past_key_values`` before (deprecated since, removed in 5.40); read off the signature."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def expand_cache(cache, batch: int):
     """A fresh cache holding the prefix's keys/values for ``batch`` rows, without copying them.
 
@@ -628,8 +642,8 @@ def _packing_usable(model, decoder, probe_ids: Sequence[int]) -> bool:
         ids = torch.tensor([r + [r[-1]] * (5 - len(r)) for r in rows], dtype=torch.long, device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (5 - len(r)) for r in rows], dtype=torch.long, device=device)
         cache = DynamicCache(config=config)
-        decoder(input_ids=torch.tensor([probe[:plen]], device=device), past_key_values=cache, use_cache=True)
-        want_prefix = decoder(input_ids=ids, past_key_values=expand_cache(cache, 2), use_cache=True,
+        decoder(input_ids=torch.tensor([probe[:plen]], device=device), **cache_kwargs(decoder, cache), use_cache=True)
+        want_prefix = decoder(input_ids=ids, **cache_kwargs(decoder, expand_cache(cache, 2)), use_cache=True,
                               attention_mask=torch.cat([torch.ones((2, plen), dtype=torch.long, device=device),
                                                         mask], 1),
                               position_ids=(plen + torch.arange(5, device=device))[None, :].expand(2, -1))
@@ -717,7 +731,7 @@ def logits_at(model, base, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[
     stats["padded_tokens"] = stats.get("padded_tokens", 0) + batch * width - real
     if prefix_cache is not None:
         kwargs = {
-            "past_key_values": expand_cache(prefix_cache, batch),
+            **cache_kwargs(model, expand_cache(prefix_cache, batch)),  # same class family as `base`
             "use_cache": True,
             "attention_mask": torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], 1),
             "position_ids": (prefix_len + torch.arange(width, device=device))[None, :].expand(batch, -1),
@@ -753,7 +767,7 @@ def prefix_cache(model, base, prefix_ids: Sequence[int], stats: dict | None = No
     cache = DynamicCache(config=model.config)
     decoder = base if base is not None else getattr(model, "base_model", model)
     decoder(input_ids=torch.tensor([list(prefix_ids)], dtype=torch.long, device=_device(model)),
-            past_key_values=cache, use_cache=True)
+            **cache_kwargs(decoder, cache), use_cache=True)
     if stats is not None:
         stats["tokens_forwarded"] = stats.get("tokens_forwarded", 0) + len(prefix_ids)
     return cache

@@ -293,7 +293,7 @@ class LMScorer:
         with torch.inference_mode():
             cache = dif.expand_cache(self._prefix(key), rows)
             positions = (p + torch.arange(width, device=device))[None, :].expand(rows, -1)
-            hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions, **dif.cache_kwargs(base, cache),
                           use_cache=True).last_hidden_state
             hidden = hidden[torch.arange(rows, device=device), lengths - 1]
             for step in range(max_new_tokens):
@@ -311,7 +311,7 @@ class LMScorer:
                     break
                 mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=device)], 1)
                 hidden = base(input_ids=tokens[:, None], attention_mask=mask,
-                              position_ids=(p + lengths + step)[:, None], past_key_values=cache,
+                              position_ids=(p + lengths + step)[:, None], **dif.cache_kwargs(base, cache),
                               use_cache=True).last_hidden_state[:, -1]
         results = []
         for b in range(rows):

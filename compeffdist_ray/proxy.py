@@ -117,6 +117,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from compeffdist_ray.difficulty import cache_kwargs
 from compeffdist_ray.errors import UserError
 
 log = logging.getLogger("compeffdist_ray")
@@ -673,7 +674,7 @@ class ProxyModel:
             batch_cache = copy.deepcopy(cache)  # the forward appends to it: keep the shared one intact
             batch_cache.batch_repeat_interleave(n)
             kwargs.update(
-                past_key_values=batch_cache,
+                **cache_kwargs(self.backbone, batch_cache),
                 use_cache=True,
                 attention_mask=torch.cat([torch.ones((n, prefix_len), dtype=torch.long, device=device), mask], 1),
                 position_ids=(prefix_len + torch.arange(width, device=device))[None, :].expand(n, -1),
@@ -715,7 +716,7 @@ class ProxyModel:
                 continue
             cache = DynamicCache(config=self.backbone.config)
             head = torch.as_tensor([list(ids[idxs[0]][:prefix_len])], dtype=torch.long, device=self.device)
-            states = self.backbone(input_ids=head, past_key_values=cache, use_cache=True).last_hidden_state[0]
+            states = self.backbone(input_ids=head, **cache_kwargs(self.backbone, cache), use_cache=True).last_hidden_state[0]
             prefix_sum = states.sum(0) if self.pooling == "mean" else None
             self.stats["prefix_tokens_reused"] = self.stats.get("prefix_tokens_reused", 0) + prefix_len * (len(idxs) - 1)
             out[rows] = self._pool_all([ids[i][prefix_len:] for i in idxs], batch_size=batch_size,
