@@ -825,5 +825,7 @@ def compare_names(results: Sequence[dict], paths: Sequence[str]) -> list[str]:
 
 
 def run_label(result: dict) -> str:
-    """A short column name for a run: model, k and seed."""
-    return f"{result.get('model', '?')} (k={result.get('k')}, seed={result.get('seed')})"
+    """A short column name for a run: model (or the pipeline's role for it: base, distilled,
+    teacher), k and seed."""
+    name = result.get("label") or result.get("model", "?")
+    return f"{name} (k={result.get('k')}, seed={result.get('seed')})"

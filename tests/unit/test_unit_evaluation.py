@@ -415,6 +415,9 @@ def test_compare_table_with_mean_rows():
                         ["mean", "43.3", "55.0"], ["mean (2 common)", "30.0", "55.0"]]
     same = ev.compare_names([a, a], ["x/one.json", "two.json"])
     assert same == ["base (k=8, seed=42) [one.json]", "base (k=8, seed=42) [two.json]"]
+    # the evaluate stage's files carry their role in the run, which names the column instead of a model path
+    staged = dict(b, model="/runs/demo/finetune/model", label="distilled")
+    assert ev.compare_names([staged], ["distilled.json"]) == ["distilled (k=8, seed=42)"]
 
 
 def test_load_result_rejects_other_files(tmp_path):
